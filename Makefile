@@ -1,0 +1,39 @@
+# Two commands on a fresh machine (Python 3.11+ and pip are all it needs):
+#   make run    set up .venv if needed, then run the main job: the model-families comparison on
+#               the built-in dataset (no download), ending with a table
+#   make test   set up .venv if needed, then lint and run the whole test suite
+# Running either again reuses .venv; it is rebuilt only when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
+RUN_DIR ?= runs
+
+.PHONY: run test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+run: $(STAMP)
+	$(PY) -m experiments run families_small --output=$(RUN_DIR)/families_small
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: lint
+	$(PY) -m pytest
+
+bench: $(BENCH_STAMP)
+	$(PY) -m benchmarks.throughput
+
+clean:
+	rm -rf $(VENV) $(RUN_DIR) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,66 @@
+"""Config files (one `get_config(arg)` each) and the helpers that load them outside absl flags.
+
+On the command line, absl's config flags load a config: `--config=configs/builtin.py:resnet20`
+and `--config.optimizer.learning_rate=0.05`. Programs that build many configs (the experiment
+runner, eval, tests) use `load` and `override`, which accept the same strings.
+"""
+
+import importlib.util
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+    """Returns the config named by `spec`, 'path/to/file.py[:arg]', relative to the project."""
+    path, _, arg = spec.partition(":")
+    file = Path(path) if Path(path).is_absolute() else ROOT / path
+    if not file.is_file():
+        raise UserError(f"config file {path!r} does not exist (from {spec!r}); see configs/.")
+    module_spec = importlib.util.spec_from_file_location(f"_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def override(config: ml_collections.ConfigDict, values: Mapping[str, Any]) -> None:
+    """Sets dotted fields (`{'training.num_steps': 10}`) in place, refusing unknown keys and
+    wrong types like the command line does."""
+    for field, value in values.items():
+        *parents, key = field.split(".")
+        node = config
+        for part in parents:
+            if part not in node:
+                raise UserError(f"unknown config field {field!r}: no section {part!r}.")
+            node = node[part]
+        if key not in node:
+            raise UserError(
+                f"unknown config field {field!r}: {'.'.join(parents) or 'config'} has "
+                f"no field {key!r}."
+            )
+        if isinstance(node[key], tuple) and isinstance(value, list):
+            value = tuple(value)
+        try:
+            node[key] = value
+        except TypeError as e:
+            raise UserError(f"config field {field!r}: {e}") from e
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+    """Returns the ConfigDict saved as config.json in a workdir (lists become tuples)."""
+
+    def tuples(x):
+        if isinstance(x, dict):
+            return {k: tuples(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return tuple(tuples(v) for v in x)
+        return x
+
+    return ml_collections.ConfigDict(tuples(json.loads(text)))

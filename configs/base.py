@@ -1,0 +1,79 @@
+"""Shared defaults of every experiment. Other config files change only what differs.
+
+Every field is documented here once; `configs/schema.py` checks them before anything is built.
+"""
+
+import ml_collections
+
+import models
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Returns the base config; `arg` names a model preset (see `models.PRESETS`)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # --- data (data/) ---------------------------------------------------------------------
+    c.dataset = ml_collections.ConfigDict()
+    # builtin | cifar10 | cifar100 | fashion_mnist | mnist | svhn_cropped
+    c.dataset.name = "builtin"
+    # Where the data comes from: 'builtin' (generated), 'tfds' (prepared TFDS array_record),
+    # 'files' (the official distribution files in `data_dir`), or 'auto' (builtin for the
+    # builtin dataset, otherwise files when `data_dir` holds them, else TFDS).
+    c.dataset.source = "auto"
+    c.dataset.data_dir = ""  # TFDS data dir, or the folder of the offline files
+    c.dataset.validation_size = 0  # images held out of the training split for model selection
+    c.dataset.eval_split = "test"  # 'validation' | 'test': what the periodic evaluation uses
+    c.dataset.builtin_train_size = 20_000
+    c.dataset.builtin_test_size = 2_000
+    c.dataset.augment_crop_padding = 4  # random crop after zero padding; 0 turns it off
+    c.dataset.augment_flip = True  # random horizontal flip
+
+    # --- model (models/) ------------------------------------------------------------------
+    c.model = models.preset(arg or "pooled_max")
+
+    # --- optimizer (optax) ------------------------------------------------------------------
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "sgd"  # sgd | adam | adamw
+    c.optimizer.learning_rate = 0.05  # peak learning rate
+    c.optimizer.momentum = 0.9  # sgd only; 0 for plain SGD
+    c.optimizer.nesterov = True  # sgd only
+    c.optimizer.b1 = 0.9  # adam/adamw
+    c.optimizer.b2 = 0.999  # adam/adamw
+    # L2 weight decay. sgd/adam: added to the gradient (the papers' "weight decay", i.e. L2
+    # regularisation); adamw: decoupled. Applied to conv/dense kernels only unless
+    # `decay_all_params`.
+    c.optimizer.weight_decay = 5e-4
+    c.optimizer.decay_all_params = False
+    c.optimizer.grad_clip_norm = 0.0  # global-norm clipping; 0 turns it off
+
+    # --- learning-rate schedule ---------------------------------------------------------------
+    c.schedule = ml_collections.ConfigDict()
+    c.schedule.name = "cosine"  # constant | cosine | step
+    c.schedule.warmup_steps = 0  # linear warm-up from 0 to the peak
+    # step: multiply by `decay_factor` at each boundary (steps; fractions of training if < 1)
+    c.schedule.boundaries = (0.5, 0.75)
+    c.schedule.decay_factor = 0.1
+
+    # --- training (train.py) ------------------------------------------------------------------
+    c.training = ml_collections.ConfigDict()
+    c.training.batch_size = 128  # global batch: per-device batch x number of devices
+    c.training.num_steps = 1_500
+    c.training.label_smoothing = 0.0
+    c.training.eval_every_steps = 500
+    c.training.eval_batch_size = 500
+    c.training.log_every_steps = 100
+    c.training.checkpoint_every_steps = 500
+    c.training.keep_checkpoints = 2  # latest K; the best by validation accuracy is kept apart
+    c.training.on_nonfinite_loss = "stop"  # stop | skip (skip the update, count it)
+    c.training.progress = "auto"  # auto (bar on a terminal) | bar | none
+
+    # --- multi-host (jax.distributed) ---------------------------------------------------------
+    c.distributed = ml_collections.ConfigDict()
+    # auto: initialize when the environment names a cluster (SLURM, TPU pod, or the
+    # JAX_COORDINATOR_ADDRESS variable); on: always; off: never.
+    c.distributed.initialize = "auto"
+    c.distributed.coordinator_address = ""
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1
+    return c

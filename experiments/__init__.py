@@ -1,0 +1,77 @@
+"""Named comparisons: each file here lists runs (a config, the fields to vary, the seeds).
+
+    python -m experiments run families:small        # train what is missing, then report
+    python -m experiments report families:small     # the report from finished runs only
+    python -m experiments commands families:cifar10 # one shell command per run (for a cluster)
+    python -m experiments slurm families:cifar10    # a SLURM job-array script
+
+An experiment name is `FILE[:VARIANT]`; variants: `small` (the built-in dataset, minutes on a
+CPU), `fashion_mnist` (the real offline files), `cifar10` (TFDS, for GPUs/TPUs).
+"""
+
+import dataclasses
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
+from errors import UserError
+
+NAMES = ("families", "pooling_vs_strided", "resnet_depth", "weight_sharing")
+VARIANTS = ("small", "fashion_mnist", "cifar10")
+CONFIG_FILES = {
+    "small": "configs/builtin.py",
+    "fashion_mnist": "configs/fashion_mnist.py",
+    "cifar10": "configs/cifar10.py",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One configuration of an experiment, trained once per seed."""
+
+    name: str  # row label in the report
+    config: str  # 'configs/file.py:arg'
+    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """What an experiment file returns: the question, the runs, the seeds."""
+
+    name: str
+    question: str
+    runs: tuple[Run, ...]
+    seeds: tuple[int, ...] = (0, 1, 2)
+    max_shift: int = 8  # largest shift of the translation measurements in eval
+
+
+def preset_runs(
+    variant: str,
+    presets: Mapping[str, str],
+    overrides: Mapping[str, Any] | None = None,
+    per_run: Mapping[str, Mapping[str, Any]] | None = None,
+) -> tuple[Run, ...]:
+    """Returns one Run per `{row name: model preset}` on the variant's config file, with the
+    shared `overrides` plus `per_run[row name]`."""
+    per_run = per_run or {}
+    if variant not in CONFIG_FILES:
+        raise UserError(
+            f"unknown experiment variant {variant!r}; choose one of {', '.join(VARIANTS)}"
+        )
+    return tuple(
+        Run(
+            name,
+            f"{CONFIG_FILES[variant]}:{preset}",
+            {**(overrides or {}), **per_run.get(name, {})},
+        )
+        for name, preset in presets.items()
+    )
+
+
+def get(spec: str) -> Experiment:
+    """Returns the experiment named 'NAME[:VARIANT]' (variant defaults to 'small')."""
+    name, _, variant = spec.partition(":")
+    if name not in NAMES:
+        raise UserError(f"unknown experiment {name!r}; choose one of {', '.join(NAMES)}")
+    module = importlib.import_module(f"experiments.{name}")
+    return module.get_experiment(variant or "small")

@@ -1,0 +1,46 @@
+"""python -m experiments {run|report|commands|slurm} NAME[:VARIANT] [--output=DIR]"""
+
+import sys
+from pathlib import Path
+
+from training import runtime
+
+runtime.configure_xla_flags()  # before JAX starts its backend
+
+from absl import app, flags, logging  # noqa: E402
+
+import experiments  # noqa: E402
+from errors import UserError  # noqa: E402
+from experiments import report, runner  # noqa: E402
+
+_OUTPUT = flags.DEFINE_string("output", None, "Output folder (default: runs/NAME_VARIANT).")
+ACTIONS = ("run", "report", "commands", "slurm")
+
+
+def main(argv):
+    if len(argv) != 3 or argv[1] not in ACTIONS:
+        raise app.UsageError(f"usage: python -m experiments {{{'|'.join(ACTIONS)}}} NAME[:VARIANT]")
+    action, spec = argv[1], argv[2]
+    try:
+        experiment = experiments.get(spec)
+        output = Path(_OUTPUT.value or Path("runs") / spec.replace(":", "_"))
+        if action == "commands":
+            print("\n".join(runner.commands(experiment, output)))
+            return
+        if action == "slurm":
+            output.mkdir(parents=True, exist_ok=True)
+            path = output / "slurm.sh"
+            path.write_text(runner.slurm_script(experiment, output, spec))
+            print(f"wrote {path}: submit it with `sbatch {path}`")
+            return
+        if action == "run":
+            runner.run_missing(experiment, output)
+        table = report.write(experiment, output, spec)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    logging.info("report written to %s", output / "report.md")
+    print(f"\n{experiment.question}\n\n{table}\n\nreport: {output / 'report.md'}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,204 @@
+"""Collects an experiment's results.json, eval.json and metrics.jsonl into a Markdown report
+with a table (mean ± std over seeds) and plots."""
+
+import json
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+from experiments import Experiment  # noqa: E402
+from experiments.runner import EVALUATED, TRAINED, run_dir  # noqa: E402
+
+PLOTS = (
+    "learning_curves.png",
+    "accuracy_vs_params.png",
+    "accuracy_vs_flops.png",
+    "shift_consistency.png",
+)
+
+
+def collect(experiment: Experiment, output: Path) -> list[dict]:
+    """Returns one row per run: its name and the per-seed results, evals and metric records."""
+    rows = []
+    for run in experiment.runs:
+        seeds = []
+        for seed in experiment.seeds:
+            workdir = run_dir(output, run, seed)
+            if not (workdir / TRAINED).exists():
+                continue
+            evaluated = workdir / EVALUATED
+            seeds.append(
+                {
+                    "seed": seed,
+                    "results": json.loads((workdir / TRAINED).read_text()),
+                    "eval": json.loads(evaluated.read_text()) if evaluated.exists() else None,
+                    "metrics": [
+                        json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()
+                    ],
+                }
+            )
+        if seeds:
+            rows.append(
+                {
+                    "name": run.name,
+                    "config": run.config,
+                    "overrides": dict(run.overrides),
+                    "seeds": seeds,
+                }
+            )
+    return rows
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Returns the mean and the sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _pm(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
+    if not values:
+        return "–"
+    m, s = mean_std([v * scale for v in values])
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def summarize(row: dict) -> dict:
+    """Returns the table's numbers for one row (lists are per seed)."""
+    results = [s["results"] for s in row["seeds"]]
+    evals = [s["eval"] for s in row["seeds"] if s["eval"]]
+    return {
+        "name": row["name"],
+        "seeds": len(results),
+        "test_accuracy": [r["test_accuracy"] for r in results],
+        "params": results[0]["params"],
+        "flops": results[0]["flops_per_image"],
+        "train_seconds": [r["train_seconds"] for r in results],
+        "images_per_s": [r["images_per_s"] for r in results if r["images_per_s"]],
+        "shift_consistency": [e["shift"]["random_pair_consistency"] for e in evals],
+    }
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Returns the Markdown table of the rows (accuracy and consistency in %)."""
+    header = (
+        "| run | seeds | test accuracy (%) | params | MFLOPs/image | train time (s) | images/s "
+        "| shift consistency (%) |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    lines = [header]
+    for row in rows:
+        s = summarize(row)
+        lines.append(
+            f"| {s['name']} | {s['seeds']} | {_pm(s['test_accuracy'], 100, 2)} | {s['params']:,} "
+            f"| {s['flops'] / 1e6:,.1f} | {_pm(s['train_seconds'], 1, 0)} "
+            f"| {_pm(s['images_per_s'], 1, 0)} "
+            f"| {_pm(s['shift_consistency'], 100, 1)} |"
+        )
+    return "\n".join(lines)
+
+
+def _scatter(ax, rows, key, label):
+    for row in rows:
+        s = summarize(row)
+        m, sd = mean_std(s["test_accuracy"])
+        ax.errorbar(s[key], 100 * m, yerr=100 * sd, fmt="o", capsize=3, label=s["name"])
+    ax.set_xscale("log")
+    ax.set_xlabel(label)
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+
+
+def plot(rows: list[dict], output: Path) -> list[Path]:
+    """Writes the report's plots into `output`; returns their paths."""
+    paths = [output / name for name in PLOTS]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row in rows:
+        curves = {}
+        for seed in row["seeds"]:
+            split = seed["results"]["eval_split"]
+            for r in seed["metrics"]:
+                if r["split"] == split:
+                    curves.setdefault(r["step"], []).append(100 * r["accuracy"])
+        steps = sorted(curves)
+        ax.plot(steps, [statistics.fmean(curves[s]) for s in steps], marker=".", label=row["name"])
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out accuracy (%), mean over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+
+    for path, key, label in (
+        (paths[1], "params", "parameters"),
+        (paths[2], "flops", "FLOPs per image"),
+    ):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        _scatter(ax, rows, key, label)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, mode in zip(axes, ("circular", "zero_fill"), strict=True):
+        for row in rows:
+            evals = [s["eval"]["shift"] for s in row["seeds"] if s["eval"]]
+            if not evals:
+                continue
+            shifts = evals[0]["shifts"]
+            values = [
+                statistics.fmean(100 * e[mode]["consistency"][i] for e in evals)
+                for i in range(len(shifts))
+            ]
+            ax.plot(shifts, values, marker="o", label=row["name"])
+        ax.set_title(f"{mode.replace('_', ' ')} shifts")
+        ax.set_xlabel("shift (pixels)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("prediction unchanged (%)")
+    axes[0].legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(paths[3], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def write(experiment: Experiment, output: Path, spec: str) -> str:
+    """Writes report.md, results.json (the collected numbers) and the plots; returns the table."""
+    output = Path(output)
+    rows = collect(experiment, output)
+    if not rows:
+        return "(no finished runs yet)"
+    table = markdown_table(rows)
+    plot(rows, output)
+    env_file = run_dir(output, experiment.runs[0], experiment.seeds[0]) / "environment.json"
+    env = json.loads(env_file.read_text()) if env_file.exists() else {}
+    versions = ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items())
+    text = f"""# Experiment `{spec}`
+
+**Question.** {experiment.question}
+
+{table}
+
+Test accuracy of the final model; shift consistency: the probability that two random shifts
+(up to {experiment.max_shift} pixels, circular) of a test image get the same top-1 class (Zhang
+2019). Train time excludes compilation and evaluation; images/s is the median over logging
+intervals.
+
+![learning curves](learning_curves.png)
+![accuracy vs parameters](accuracy_vs_params.png)
+![accuracy vs FLOPs](accuracy_vs_flops.png)
+![shift consistency](shift_consistency.png)
+
+Produced by `python -m experiments run {spec} --output={output}` on {env.get("device_count", "?")} x
+{env.get("device_kind", "?")} ({env.get("platform", "?")}, {env.get("cpu_count", "?")} CPU cores),
+commit {env.get("git_commit", "?")}; {versions}.
+"""
+    (output / "report.md").write_text(text)
+    summary = [
+        dict(summarize(row), config=row["config"], overrides=row["overrides"]) for row in rows
+    ]
+    (output / "results.json").write_text(json.dumps(summary, indent=2))
+    return table

@@ -1,0 +1,266 @@
+"""The training loop: learning, data parallelism, multi-host, resume, outputs, real data."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import train
+from configs import builtin, fashion_mnist
+from errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = ROOT / "tests" / "train_worker.py"
+FASHION_DIR = Path(fashion_mnist.DEBIAN_DIR)
+
+
+def tiny_config(preset: str = "pooled_max", steps: int = 12):
+    """A run of a few seconds: small built-in dataset, frequent logs, evals and checkpoints."""
+    config = builtin.get_config(preset)
+    config.dataset.builtin_train_size = 512
+    config.dataset.builtin_test_size = 128
+    config.dataset.validation_size = 128
+    config.dataset.eval_split = "validation"
+    config.training.batch_size = 32
+    config.training.eval_batch_size = 64
+    config.training.num_steps = steps
+    config.training.log_every_steps = 4
+    config.training.eval_every_steps = 6
+    config.training.checkpoint_every_steps = 6
+    config.training.progress = "none"
+    config.schedule.warmup_steps = 2
+    return config
+
+
+def read_metrics(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_writes_every_output(tmp_path):
+    results = train.train_and_evaluate(tiny_config(), tmp_path)
+    for name in ("config.json", "summary.txt", "summary.json", "environment.json", "results.json"):
+        assert (tmp_path / name).is_file(), name
+    assert any((tmp_path / "tensorboard").iterdir())
+    assert sorted(
+        int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()
+    ) == [6, 12]
+    assert len([p for p in (tmp_path / "best").iterdir() if p.name.isdigit()]) == 1
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+    assert results["params"] == json.loads((tmp_path / "summary.json").read_text())["total_params"]
+    records = read_metrics(tmp_path)
+    train_records = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train_records] == [4, 6, 8, 12]
+    keys = {
+        "step",
+        "epoch",
+        "split",
+        "loss",
+        "accuracy",
+        "learning_rate",
+        "images_per_s",
+        "wall_time",
+    }
+    assert keys <= set(train_records[0])
+    assert [r["step"] for r in records if r["split"] == "validation"] == [6, 12]
+    # Every held-out example is counted exactly once (64-image batches, 128 images).
+    assert all(r["count"] == 128 for r in records if r["split"] == "validation")
+    env = json.loads((tmp_path / "environment.json").read_text())
+    assert env["versions"]["jax"] and env["device_count"] >= 1 and "git_commit" in env
+
+
+def test_same_seed_same_metrics(tmp_path):
+    a = train.train_and_evaluate(tiny_config(steps=6), tmp_path / "a")
+    b = train.train_and_evaluate(tiny_config(steps=6), tmp_path / "b")
+    strip = lambda rs: [
+        {k: v for k, v in r.items() if k not in ("wall_time", "images_per_s")} for r in rs
+    ]
+    assert strip(read_metrics(tmp_path / "a")) == strip(read_metrics(tmp_path / "b"))
+    assert a["final"] == b["final"]
+
+
+def test_refuses_workdir_of_another_config(tmp_path):
+    train.train_and_evaluate(tiny_config(steps=6), tmp_path)
+    other = tiny_config(steps=6)
+    other.optimizer.learning_rate = 0.5
+    with pytest.raises(UserError, match=r"optimizer.learning_rate: 0.05 -> 0.5"):
+        train.train_and_evaluate(other, tmp_path)
+
+
+def test_sigterm_saves_and_rerun_finishes_like_an_uninterrupted_run(tmp_path, monkeypatch):
+    full = train.train_and_evaluate(tiny_config(steps=12), tmp_path / "full")
+    real_batches = train.data.train_batches
+
+    def preempted_after_7(*args, **kwargs):
+        for i, batch in enumerate(real_batches(*args, **kwargs)):
+            if i == 6:  # while step 7 runs, the cluster sends SIGTERM
+                signal.raise_signal(signal.SIGTERM)
+            yield batch
+
+    monkeypatch.setattr(train.data, "train_batches", preempted_after_7)
+    part = tmp_path / "part"
+    with pytest.raises(train.Preempted, match="step 7"):
+        train.train_and_evaluate(tiny_config(steps=12), part)
+    assert train.ckpt_lib.Checkpoints(part, keep=2).latest_step() == 7
+    monkeypatch.setattr(train.data, "train_batches", real_batches)
+    resumed = train.train_and_evaluate(tiny_config(steps=12), part)
+    assert resumed["final"] == full["final"]
+    assert resumed["best"] == full["best"]
+    strip = lambda rs: [
+        {k: v for k, v in r.items() if k not in ("wall_time", "images_per_s")}
+        for r in rs
+        if r["step"] not in (7, 8)  # preemption logged step 7 alone, then 8
+    ]
+    assert strip(read_metrics(part)) == strip(read_metrics(tmp_path / "full"))
+
+
+def test_nonfinite_loss_stops_with_step_and_checkpoint(tmp_path):
+    config = tiny_config(steps=12)
+    config.optimizer.learning_rate = 1e30
+    config.schedule.warmup_steps = 0
+    with pytest.raises(train.Diverged, match=r"at step \d+.*last good checkpoint is step \d+"):
+        train.train_and_evaluate(config, tmp_path)
+
+
+def test_nonfinite_loss_can_skip_updates(tmp_path):
+    config = tiny_config(steps=6)
+    config.optimizer.learning_rate = 1e30
+    config.schedule.warmup_steps = 0
+    config.training.on_nonfinite_loss = "skip"
+    results = train.train_and_evaluate(config, tmp_path)
+    assert results["skipped_updates"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "preset", ["plain", "plain_local", "pooled_max", "allcnn_c", "resnet20", "mlp"]
+)
+def test_every_family_learns(tmp_path, preset):
+    """On a fixed small training set, a few dozen steps lower the loss and raise accuracy."""
+    config = tiny_config(preset, steps=40)
+    config.dataset.builtin_train_size = 64 + 128
+    config.training.batch_size = 64
+    config.dataset.augment_crop_padding = 0
+    config.dataset.augment_flip = False
+    config.training.log_every_steps = 10
+    config.optimizer.name = "adam"
+    config.optimizer.learning_rate = 2e-3
+    config.schedule.name = "constant"
+    config.training.eval_every_steps = 40
+    config.training.checkpoint_every_steps = 40
+    train.train_and_evaluate(config, tmp_path)
+    records = [r for r in read_metrics(tmp_path) if r["split"] == "train"]
+    assert records[-1]["loss"] < 0.7 * records[0]["loss"]
+    assert records[-1]["accuracy"] > records[0]["accuracy"] + 0.2
+
+
+def _run_worker(out: Path, devices: int, *cluster: str) -> subprocess.Popen:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env.pop("JAX_NUM_CPU_DEVICES", None)
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), str(out), "resnet20", "3", *cluster],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait(proc: subprocess.Popen) -> None:
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+
+
+def _compare(a: Path, b: Path) -> None:
+    x, y = np.load(a), np.load(b)
+    assert int(x["devices"]) != int(y["devices"])
+    for key in x.files:
+        if key != "devices":
+            np.testing.assert_allclose(x[key], y[key], rtol=2e-4, atol=2e-5, err_msg=key)
+
+
+@pytest.mark.slow
+def test_eight_devices_match_one(tmp_path):
+    """Same global batch on 8 simulated devices and on 1: same parameters and BN statistics."""
+    one, eight = _run_worker(tmp_path / "1.npz", 1), _run_worker(tmp_path / "8.npz", 8)
+    _wait(one)
+    _wait(eight)
+    _compare(tmp_path / "1.npz", tmp_path / "8.npz")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_together(tmp_path):
+    """Two jax.distributed processes on 127.0.0.1 (2 CPU devices each) agree with 1 device."""
+    port = str(_free_port())
+    procs = [_run_worker(tmp_path / "2x2.npz", 2, str(i), "2", port) for i in range(2)]
+    single = _run_worker(tmp_path / "1.npz", 1)
+    for proc in [*procs, single]:
+        _wait(proc)
+    _compare(tmp_path / "1.npz", tmp_path / "2x2.npz")
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_finishes_like_an_uninterrupted_run(tmp_path):
+    def cli(workdir: Path) -> subprocess.Popen:
+        args = [
+            "--config=configs/builtin.py:plain",
+            f"--workdir={workdir}",
+            "--config.dataset.builtin_train_size=512",
+            "--config.dataset.builtin_test_size=128",
+            "--config.training.batch_size=32",
+            "--config.training.num_steps=40",
+            "--config.training.checkpoint_every_steps=5",
+            "--config.training.log_every_steps=5",
+            "--config.training.eval_every_steps=20",
+            "--config.schedule.warmup_steps=2",
+            "--config.training.eval_batch_size=64",
+        ]
+        return subprocess.Popen(
+            [sys.executable, "train.py", *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    reference = cli(tmp_path / "ref")
+    _wait(reference)
+    victim = cli(tmp_path / "killed")
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and '"step": 15' in metrics.read_text()):
+        time.sleep(0.05)
+    victim.kill()
+    victim.wait()
+    assert not (tmp_path / "killed" / "results.json").exists()
+    _wait(cli(tmp_path / "killed"))
+    ref = json.loads((tmp_path / "ref" / "results.json").read_text())
+    got = json.loads((tmp_path / "killed" / "results.json").read_text())
+    assert got["final"] == ref["final"] and got["best"] == ref["best"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not FASHION_DIR.is_dir(), reason="Debian's dataset-fashion-mnist is not installed"
+)
+def test_real_fashion_mnist_reaches_85_percent(tmp_path):
+    config = fashion_mnist.get_config("pooled_max")
+    config.training.num_steps = 600
+    config.training.eval_every_steps = 300
+    config.training.checkpoint_every_steps = 300
+    config.training.progress = "none"
+    results = train.train_and_evaluate(config, tmp_path)
+    assert results["final"]["test"]["count"] == 10_000
+    assert results["test_accuracy"] >= 0.85, results
