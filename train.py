@@ -129,7 +129,8 @@ def train_step(state, batch, *, graphdef, tx, config, mean, std):
     x = data.normalize(images, mean, std, jnp.dtype(config.model.dtype))
 
     def loss_fn(params):
-        model = nnx.merge(graphdef, params, state["batch_stats"], state["other"])
+        # copy: the BatchStat variables are updated inside this grad trace, not the outer one
+        model = nnx.merge(graphdef, params, state["batch_stats"], state["other"], copy=True)
         logits = model(x, train=True, rngs=nnx.Rngs(dropout=dropout_key))
         loss = cross_entropy(logits, batch["label"], t.label_smoothing).mean()
         return loss, (logits, nnx.state(model, nnx.BatchStat))

@@ -9,7 +9,7 @@ import configs
 from experiments import Experiment, Run
 
 TRAINED = "results.json"
-EVALUATED = "eval.json"
+EVALUATED = "eval/latest/eval.json"
 
 
 def run_dir(output: Path, run: Run, seed: int) -> Path:

@@ -1,0 +1,37 @@
+"""families: the four model families on one dataset at the same training budget.
+
+Question: at the same number of steps and batch size, how do a plain ConvNet (no
+downsampling), a max-pooled ConvNet, an all-convolutional net (All-CNN-C) and a residual net
+(ResNet-20) compare in accuracy, parameters, compute and shift consistency?
+"""
+
+from experiments import Experiment, preset_runs
+
+QUESTION = (
+    "At the same training budget, how do a plain ConvNet, a max-pooled ConvNet, an "
+    "all-convolutional net (All-CNN-C) and a ResNet-20 compare in accuracy, size, cost and "
+    "translation invariance?"
+)
+PRESETS = {
+    "plain": "plain",
+    "pooled_max": "pooled_max",
+    "allcnn_c": "allcnn_c",
+    "resnet20": "resnet20",
+}
+
+# The CPU versions halve All-CNN-C's widths (96/192 -> 48/96): at full width one step costs
+# as much as the other three families together on a 2-core CPU.
+SMALL_ALLCNN = {"allcnn_c": {"model.widths": (48, 96)}}
+BUDGETS = {
+    "small": {"training.num_steps": 300, "training.eval_every_steps": 100},
+    "fashion_mnist": {"training.num_steps": 1_500, "training.eval_every_steps": 500},
+    "cifar10": {},
+}
+
+
+def get_experiment(variant: str = "small") -> Experiment:
+    """Returns the experiment for `variant` (small | fashion_mnist | cifar10)."""
+    per_run = {} if variant == "cifar10" else SMALL_ALLCNN
+    runs = preset_runs(variant, PRESETS, BUDGETS.get(variant), per_run)
+    seeds = {"small": (0,), "fashion_mnist": (0, 1)}.get(variant, (0, 1, 2))
+    return Experiment("families", QUESTION, runs, seeds)
