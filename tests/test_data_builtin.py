@@ -1,0 +1,50 @@
+"""The built-in procedural dataset."""
+
+import numpy as np
+
+from data import builtin
+
+
+def test_shapes_dtypes_and_balanced_classes():
+    images, labels, boxes = builtin.generate(200, seed=0, return_boxes=True)
+    assert images.shape == (200, 32, 32, 3) and images.dtype == np.uint8
+    assert labels.shape == (200,) and labels.dtype == np.int32
+    assert boxes.shape == (200, 4) and boxes.dtype == np.float32
+    np.testing.assert_array_equal(np.bincount(labels), [20] * builtin.NUM_CLASSES)
+    assert len(builtin.CLASS_NAMES) == builtin.NUM_CLASSES == 10
+
+
+def test_deterministic_given_the_seed():
+    a, la = builtin.generate(50, seed=3)
+    b, lb = builtin.generate(50, seed=3)
+    c, _ = builtin.generate(50, seed=4)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(la, lb)
+    assert not np.array_equal(a, c)
+
+
+def test_boxes_are_inside_and_objects_move_around():
+    images, _, boxes = builtin.generate(300, seed=1, return_boxes=True)
+    ymin, xmin, ymax, xmax = boxes.T
+    assert np.all((ymin >= 0) & (ymin < ymax) & (ymax <= 1))
+    assert np.all((xmin >= 0) & (xmin < xmax) & (xmax <= 1))
+    sides = np.concatenate([ymax - ymin, xmax - xmin]) * 32
+    assert sides.min() >= 4 and sides.max() <= 20
+    centres = np.stack([ymin + ymax, xmin + xmax], 1) / 2 * 32
+    assert centres.std(axis=0).min() > 3  # translation varies: position is not a cue
+
+
+def test_the_box_holds_the_object():
+    images, _, boxes = builtin.generate(50, seed=2, return_boxes=True)
+    for image, (ymin, xmin, ymax, xmax) in zip(images, (boxes * 32).astype(int), strict=True):
+        outside = np.ones((32, 32), bool)
+        outside[ymin:ymax, xmin:xmax] = False
+        inside_mean = image[~outside].mean(axis=0)
+        outside_mean = image[outside].mean(axis=0)
+        # The object's colour is >= 0.2 x 255 away from the background in every channel.
+        assert np.abs(inside_mean - outside_mean).max() > 10
+
+
+def test_other_image_sizes():
+    images, _ = builtin.generate(4, seed=0, image_size=48)
+    assert images.shape == (4, 48, 48, 3)
