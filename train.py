@@ -38,11 +38,6 @@ from training import checkpoint as ckpt_lib  # noqa: E402
 from training import metrics as metrics_lib  # noqa: E402
 from training import optim  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. configs/builtin.py:resnet20."
-)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
-
 # Fields that may change when resuming a run; any other difference is refused.
 RESUMABLE_CHANGES = ("training.progress", "distributed.")
 
@@ -96,8 +91,15 @@ def _graphdef_of(build):
     return out["graphdef"]
 
 
-def _merge(graphdef, state):
+def merge_model(graphdef, state) -> nnx.Module:
+    """Returns the model whose arrays are those of `state` (params, batch_stats, other)."""
     return nnx.merge(graphdef, state["params"], state["batch_stats"], state["other"])
+
+
+def predict(state, images: jax.Array, *, graphdef, config, mean, std) -> jax.Array:
+    """Returns the float32 logits [B, classes] of uint8 images [B, H, W, C] in eval mode."""
+    x = data.normalize(images, mean, std, jnp.dtype(config.model.dtype))
+    return merge_model(graphdef, state)(x, train=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,8 +160,7 @@ def train_step(state, batch, *, graphdef, tx, config, mean, std):
 
 def eval_step(state, batch, *, graphdef, config, mean, std):
     """Returns sums over the real (mask == 1) examples of a batch: loss, correct, count."""
-    x = data.normalize(batch["image"], mean, std, jnp.dtype(config.model.dtype))
-    logits = _merge(graphdef, state)(x, train=False)
+    logits = predict(state, batch["image"], graphdef=graphdef, config=config, mean=mean, std=std)
     mask = batch["mask"]
     loss = cross_entropy(logits, batch["label"])
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
@@ -492,13 +493,22 @@ class Preempted(Exception):
         self.step = step
 
 
+def define_flags() -> None:
+    """Defines the command-line flags; only when train.py runs as a program, so that importing
+    it as a library (eval, experiments, tests) defines none."""
+    config_flags.DEFINE_config_file(
+        "config", None, "Config file, e.g. configs/builtin.py:resnet20."
+    )
+    flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None or not _WORKDIR.value:
+    if flags.FLAGS.config is None or not flags.FLAGS.workdir:
         raise app.UsageError("both --config and --workdir are required")
     try:
-        results = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        results = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
     except Preempted as e:
         logging.warning("%s", e)
         sys.exit(143)
@@ -508,4 +518,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=schema.parse_flags)

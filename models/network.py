@@ -77,6 +77,14 @@ class Network(nnx.Module):
                 if spec.kind in _MODULE_KINDS
             }
         )
+        # The layer that computes the class scores starts at zero (big_vision's
+        # head_zeroinit), so the first loss is exactly ln(num_classes). With a He-initialised
+        # head, ReLU + max-pooling stacks without BatchNorm start at 2-3x that loss and plain
+        # SGD stalls on them (measured: pooled_max on the built-in data stuck at chance).
+        last = self.specs[-1]
+        if last.kind == "dense":
+            kernel = self.layers[last.name].kernel
+            kernel[...] = jnp.zeros_like(kernel[...])
 
     def _apply(
         self, spec: LayerSpec, inputs: list[jax.Array], train: bool, rngs: nnx.Rngs | None

@@ -277,6 +277,20 @@ FAMILY_CASES = {
 }
 
 
+def _randomize_scores_layer(model) -> None:
+    last = model.specs[-1]
+    if last.kind == "dense":
+        kernel = model.layers[last.name].kernel
+        kernel[...] = jax.random.normal(_key(7), kernel[...].shape) * 0.1
+
+
+@pytest.mark.parametrize("preset", ["plain", "pooled_max", "mlp", "resnet20"])
+def test_class_scores_start_at_zero(preset):
+    """The dense scores layer is zero-initialised: the first loss is exactly ln(classes)."""
+    model = models.create_model(models.preset(preset), TINY, 10, rngs=_rngs())
+    np.testing.assert_array_equal(model(_images((3, *TINY))), np.zeros((3, 10), np.float32))
+
+
 @pytest.mark.parametrize("case", FAMILY_CASES)
 def test_forward_in_float32_and_bfloat16(case):
     preset, fields = FAMILY_CASES[case]
@@ -289,6 +303,7 @@ def test_forward_in_float32_and_bfloat16(case):
     logits = {}
     for dtype in ("float32", "bfloat16"):
         model = models.create_model(_cfg(preset, fields, dtype=dtype), TINY, 10, rngs=_rngs())
+        _randomize_scores_layer(model)  # a zero head would block every earlier gradient
         param_dtypes = {p.dtype for p in jax.tree.leaves(nnx.state(model, nnx.Param))}
         assert param_dtypes == {jnp.dtype(jnp.float32)}
         if dtype == "float32":
@@ -325,6 +340,7 @@ def test_dropout_acts_only_in_training():
 def test_batchnorm_uses_batch_statistics_in_training():
     cfg = _cfg(*FAMILY_CASES["resnet"])
     model = models.create_model(cfg, TINY, 10, rngs=_rngs())
+    _randomize_scores_layer(model)  # so that the logits show what BatchNorm did
     x = 3.0 + _images((4, *TINY))
     step = nnx.jit(lambda m, x, train: m(x, train=train), static_argnames="train")
     stats = lambda: jax.tree.map(np.array, nnx.state(model, nnx.BatchStat))

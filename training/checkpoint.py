@@ -29,16 +29,16 @@ class Checkpoints:
     def __init__(self, workdir: str | Path, keep: int, *, read_only: bool = False):
         workdir = Path(workdir).absolute()
         self.workdir = workdir
-        options = dict(
-            create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only
-        )
-        self.latest = ocp.CheckpointManager(
-            workdir / "checkpoints",
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, **options),
-        )
-        self.best = ocp.CheckpointManager(
-            workdir / "best", options=ocp.CheckpointManagerOptions(max_to_keep=1, **options)
-        )
+
+        def options(max_to_keep: int) -> ocp.CheckpointManagerOptions:
+            if read_only:  # e.g. eval.py beside a running training: create and delete nothing
+                return ocp.CheckpointManagerOptions(read_only=True)
+            return ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True
+            )
+
+        self.latest = ocp.CheckpointManager(workdir / "checkpoints", options=options(keep))
+        self.best = ocp.CheckpointManager(workdir / "best", options=options(1))
 
     def latest_step(self) -> int | None:
         """Returns the step of the newest complete checkpoint, or None."""
@@ -106,7 +106,8 @@ class Checkpoints:
                     )
                 return s, restored["state"], restored["meta"]
             except Exception as e:  # a truncated or foreign checkpoint
-                errors.append(f"step {s}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                reason = str(e).split(" See full TensorStore details")[0].splitlines()[0][:300]
+                errors.append(f"step {s}: {type(e).__name__}: {reason}")
                 if step != "latest":
                     break
         raise UserError(
