@@ -19,6 +19,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.training.eval_every_steps = 200
     c.training.checkpoint_every_steps = 200
     c.training.log_every_steps = 50
-    c.optimizer.learning_rate = 0.05
     c.schedule.warmup_steps = 30
     return c

@@ -65,7 +65,7 @@ def test_config_differences_lists_fields():
     new = base.get_config().to_dict()
     new["optimizer"]["learning_rate"] = 0.5
     new["seed"] = 3
-    assert config_differences(old, new) == ["optimizer.learning_rate: 0.05 -> 0.5", "seed: 0 -> 3"]
+    assert config_differences(old, new) == ["optimizer.learning_rate: 0.001 -> 0.5", "seed: 0 -> 3"]
 
 
 def _train_cli(*args: str) -> subprocess.CompletedProcess:

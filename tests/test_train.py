@@ -89,7 +89,7 @@ def test_refuses_workdir_of_another_config(tmp_path):
     train.train_and_evaluate(tiny_config(steps=6), tmp_path)
     other = tiny_config(steps=6)
     other.optimizer.learning_rate = 0.5
-    with pytest.raises(UserError, match=r"optimizer.learning_rate: 0.05 -> 0.5"):
+    with pytest.raises(UserError, match=r"optimizer.learning_rate: 0.001 -> 0.5"):
         train.train_and_evaluate(other, tmp_path)
 
 
