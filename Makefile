@@ -23,7 +23,7 @@ $(BENCH_STAMP): $(STAMP)
 	touch $(BENCH_STAMP)
 
 run: $(STAMP)
-	$(PY) -m experiments run families_small --output=$(RUN_DIR)/families_small
+	$(PY) -m experiments run families:small --output=$(RUN_DIR)/families_small
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
