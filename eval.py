@@ -470,6 +470,7 @@ def define_flags() -> None:
 
 
 def main(argv):
+    runtime.quiet_library_logs()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS

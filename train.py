@@ -503,6 +503,7 @@ def define_flags() -> None:
 
 
 def main(argv):
+    runtime.quiet_library_logs()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if flags.FLAGS.config is None or not flags.FLAGS.workdir:

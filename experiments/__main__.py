@@ -18,6 +18,7 @@ ACTIONS = ("run", "report", "commands", "slurm")
 
 
 def main(argv):
+    runtime.quiet_library_logs()
     if len(argv) != 3 or argv[1] not in ACTIONS:
         raise app.UsageError(f"usage: python -m experiments {{{'|'.join(ACTIONS)}}} NAME[:VARIANT]")
     action, spec = argv[1], argv[2]

@@ -136,3 +136,15 @@ def environment() -> dict:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "git_commit": git_commit(),
     }
+
+
+def quiet_library_logs() -> None:
+    """Keeps INFO lines from the project and drops the libraries' (Orbax logs every file it
+    closes); their warnings and errors still show."""
+    import logging as std_logging
+
+    class OwnInfoOnly(std_logging.Filter):
+        def filter(self, record: std_logging.LogRecord) -> bool:
+            return record.levelno >= std_logging.WARNING or "site-packages" not in record.pathname
+
+    logging.get_absl_handler().addFilter(OwnInfoOnly())
