@@ -25,8 +25,10 @@ PRESETS = {
     "pooled_depth": "pooled_depth",
 }
 MODEL_C = ("model_c", "strided_c", "convpool_c", "allcnn_c")
-# On a CPU the Model C family runs at half width (96/192 -> 48/96), every variant alike.
-HALF_WIDTH = {name: {"model.widths": (48, 96)} for name in MODEL_C}
+# On a CPU the Model C family runs at half width (96/192 -> 48/96) and with BatchNorm, every
+# variant alike: without BatchNorm these nets stay at chance for longer than the CPU budget
+# (see families.py). The cifar10 version keeps the paper's exact layers.
+HALF_WIDTH = {name: {"model.widths": (48, 96), "model.norm": "batch"} for name in MODEL_C}
 BUDGETS = {
     "small": {"training.num_steps": 300, "training.eval_every_steps": 100},
     "fashion_mnist": {"training.num_steps": 400, "training.eval_every_steps": 100},

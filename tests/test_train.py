@@ -266,3 +266,15 @@ def test_real_fashion_mnist_reaches_85_percent(tmp_path):
     results = train.train_and_evaluate(config, tmp_path)
     assert results["final"]["test"]["count"] == 10_000
     assert results["test_accuracy"] >= 0.85, results
+
+
+def test_bfloat16_compute_trains_with_float32_parameters(tmp_path):
+    config = tiny_config("resnet20", steps=6)
+    config.model.dtype = "bfloat16"
+    results = train.train_and_evaluate(config, tmp_path)
+    assert all(np.isfinite(r["loss"]) for r in read_metrics(tmp_path) if "loss" in r)
+    graphdef, state = train.create_train_state(
+        config, train.data.dataset_info(config.dataset), train.runtime.make_mesh()
+    )
+    assert {x.dtype for x in train.jax.tree.leaves(state["params"])} == {np.dtype("float32")}
+    assert results["steps"] == 6
