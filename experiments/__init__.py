@@ -11,7 +11,7 @@ CPU), `fashion_mnist` (the real offline files), `cifar10` (TFDS, for GPUs/TPUs).
 
 import dataclasses
 import importlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from errors import UserError
@@ -66,6 +66,27 @@ def preset_runs(
         )
         for name, preset in presets.items()
     )
+
+
+def define(
+    name: str,
+    question: str,
+    presets: Mapping[str, str],
+    *,
+    budgets: Mapping[str, Mapping[str, Any]],
+    seeds: Mapping[str, tuple[int, ...]],
+    cpu_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Callable[[str], Experiment]:
+    """Returns an experiment file's `get_experiment(variant)`: the runs of `presets` with the
+    variant's budget and seeds (default (0, 1, 2)); `cpu_overrides[row]` apply to the CPU
+    variants (small, fashion_mnist), never to cifar10, which keeps the papers' models."""
+
+    def get_experiment(variant: str = "small") -> Experiment:
+        per_run = None if variant == "cifar10" else cpu_overrides
+        runs = preset_runs(variant, presets, budgets.get(variant), per_run)
+        return Experiment(name, question, runs, seeds.get(variant, (0, 1, 2)))
+
+    return get_experiment
 
 
 def get(spec: str) -> Experiment:

@@ -5,7 +5,7 @@ downsampling), a max-pooled ConvNet, an all-convolutional net (All-CNN-C) and a 
 (ResNet-20) compare in accuracy, parameters, compute and shift consistency?
 """
 
-from experiments import Experiment, preset_runs
+from experiments import define
 
 QUESTION = (
     "At the same training budget, how do a plain ConvNet, a max-pooled ConvNet, an "
@@ -32,9 +32,11 @@ BUDGETS = {
 }
 
 
-def get_experiment(variant: str = "small") -> Experiment:
-    """Returns the experiment for `variant` (small | fashion_mnist | cifar10)."""
-    per_run = {} if variant == "cifar10" else SMALL_ALLCNN
-    runs = preset_runs(variant, PRESETS, BUDGETS.get(variant), per_run)
-    seeds = {"small": (0,), "fashion_mnist": (0, 1)}.get(variant, (0, 1, 2))
-    return Experiment("families", QUESTION, runs, seeds)
+get_experiment = define(
+    "families",
+    QUESTION,
+    PRESETS,
+    budgets=BUDGETS,
+    seeds={"small": (0,), "fashion_mnist": (0, 1)},
+    cpu_overrides=SMALL_ALLCNN,
+)

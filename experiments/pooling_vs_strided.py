@@ -8,7 +8,7 @@ Question 2: in the same pooled ConvNet, what do max, average, L2 and depth (chan
 change?
 """
 
-from experiments import Experiment, preset_runs
+from experiments import define
 
 QUESTION = (
     "Can a stride-2 convolution replace max-pooling (Springenberg et al. 2014's Model C "
@@ -36,9 +36,11 @@ BUDGETS = {
 }
 
 
-def get_experiment(variant: str = "small") -> Experiment:
-    """Returns the experiment for `variant` (small | fashion_mnist | cifar10)."""
-    per_run = {} if variant == "cifar10" else HALF_WIDTH
-    runs = preset_runs(variant, PRESETS, BUDGETS.get(variant), per_run)
-    seeds = {"small": (0,), "fashion_mnist": (0,)}.get(variant, (0, 1, 2))
-    return Experiment("pooling_vs_strided", QUESTION, runs, seeds)
+get_experiment = define(
+    "pooling_vs_strided",
+    QUESTION,
+    PRESETS,
+    budgets=BUDGETS,
+    seeds={"small": (0,), "fashion_mnist": (0,)},
+    cpu_overrides=HALF_WIDTH,
+)

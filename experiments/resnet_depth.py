@@ -4,7 +4,7 @@ Question: with identity shortcuts, does accuracy keep improving with depth at a 
 recipe, and what does each step of depth cost in time?
 """
 
-from experiments import Experiment, preset_runs
+from experiments import define
 
 QUESTION = (
     "With identity shortcuts, does accuracy keep improving from 20 to 110 layers (He et al. "
@@ -18,8 +18,6 @@ BUDGETS = {
 }
 
 
-def get_experiment(variant: str = "small") -> Experiment:
-    """Returns the experiment for `variant` (small | fashion_mnist | cifar10)."""
-    runs = preset_runs(variant, PRESETS, BUDGETS.get(variant))
-    seeds = {"small": (0,), "fashion_mnist": (0,)}.get(variant, (0, 1, 2))
-    return Experiment("resnet_depth", QUESTION, runs, seeds)
+get_experiment = define(
+    "resnet_depth", QUESTION, PRESETS, budgets=BUDGETS, seeds={"small": (0,), "fashion_mnist": (0,)}
+)

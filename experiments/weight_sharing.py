@@ -7,7 +7,7 @@ network with about the plain ConvNet's parameter count, put the claims to a test
 parameters, accuracy, and shift consistency.
 """
 
-from experiments import Experiment, preset_runs
+from experiments import define
 
 QUESTION = (
     "What does weight sharing buy? The plain ConvNet against the same layers locally "
@@ -26,8 +26,10 @@ BUDGETS = {
 }
 
 
-def get_experiment(variant: str = "small") -> Experiment:
-    """Returns the experiment for `variant` (small | fashion_mnist | cifar10)."""
-    runs = preset_runs(variant, PRESETS, BUDGETS.get(variant))
-    seeds = {"small": (0,), "fashion_mnist": (0, 1)}.get(variant, (0, 1, 2))
-    return Experiment("weight_sharing", QUESTION, runs, seeds)
+get_experiment = define(
+    "weight_sharing",
+    QUESTION,
+    PRESETS,
+    budgets=BUDGETS,
+    seeds={"small": (0,), "fashion_mnist": (0, 1)},
+)

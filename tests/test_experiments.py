@@ -40,11 +40,7 @@ def test_tiny_experiment_end_to_end_and_rerun_skips(tmp_path):
     touched = runner.run_missing(experiment, tmp_path)
     assert len(set(touched)) == 4
     table = report.write(experiment, tmp_path, "tiny")
-    rows = [
-        line
-        for line in table.splitlines()
-        if line.startswith(("| plain", "| pooled"))
-    ]
+    rows = [line for line in table.splitlines() if line.startswith(("| plain", "| pooled"))]
     assert [r.split("|")[1].strip() for r in rows] == ["plain", "pooled_avg"]
     for row, run in zip(rows, experiment.runs, strict=True):
         accs = [
@@ -85,42 +81,26 @@ def test_unknown_experiment_or_variant():
         experiments.get("families:huge")
 
 
-def test_commands_and_slurm_script(tmp_path):
+def _experiments_cli(*args: str) -> str:
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments",
-            "commands",
-            "weight_sharing:cifar10",
-            f"--output={tmp_path}",
-        ],
+        [sys.executable, "-m", "experiments", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert out.returncode == 0, out.stderr
-    lines = out.stdout.strip().splitlines()
+    return out.stdout
+
+
+def test_commands_and_slurm_script(tmp_path):
+    lines = _experiments_cli("commands", "weight_sharing:cifar10", f"--output={tmp_path}")
+    lines = lines.strip().splitlines()
     experiment = experiments.get("weight_sharing:cifar10")
     assert len(lines) == len(experiment.runs) * len(experiment.seeds)
     assert lines[0].startswith("python train.py --config=configs/cifar10.py:plain")
     assert "--config.seed=0" in lines[0] and "python eval.py --workdir=" in lines[0]
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments",
-            "slurm",
-            "weight_sharing:cifar10",
-            f"--output={tmp_path}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr
+    _experiments_cli("slurm", "weight_sharing:cifar10", f"--output={tmp_path}")
     script = (tmp_path / "slurm.sh").read_text()
     assert f"#SBATCH --array=0-{len(lines) - 1}" in script
     assert script.count("python train.py") == len(lines)
