@@ -382,7 +382,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         good = [v for v in values if not v["nonfinite"]] or values
         record = {
             "step": step,
-            "epoch": step * t.batch_size / len(splits.train.labels) / jax.process_count(),
+            "epoch": step * t.batch_size / len(splits.train.labels),
             "split": "train",
             "loss": float(np.mean([v["loss"] for v in good])),
             "accuracy": float(np.sum([v["correct"] for v in good])) / (len(good) * t.batch_size),
