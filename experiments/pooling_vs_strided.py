@@ -31,7 +31,7 @@ MODEL_C = ("model_c", "strided_c", "convpool_c", "allcnn_c")
 HALF_WIDTH = {name: {"model.widths": (48, 96), "model.norm": "batch"} for name in MODEL_C}
 BUDGETS = {
     "small": {"training.num_steps": 300, "training.eval_every_steps": 100},
-    "fashion_mnist": {"training.num_steps": 400, "training.eval_every_steps": 100},
+    "fashion_mnist": {"training.num_steps": 300, "training.eval_every_steps": 100},
     "cifar10": {},
 }
 

@@ -13,7 +13,7 @@ QUESTION = (
 PRESETS = {f"resnet{d}": f"resnet{d}" for d in (20, 32, 44, 56, 110)}
 BUDGETS = {
     "small": {"training.num_steps": 200, "training.eval_every_steps": 100},
-    "fashion_mnist": {"training.num_steps": 300, "training.eval_every_steps": 100},
+    "fashion_mnist": {"training.num_steps": 200, "training.eval_every_steps": 100},
     "cifar10": {},
 }
 

@@ -21,7 +21,7 @@ PRESETS = {
 }
 BUDGETS = {
     "small": {"training.num_steps": 300, "training.eval_every_steps": 100},
-    "fashion_mnist": {"training.num_steps": 400, "training.eval_every_steps": 100},
+    "fashion_mnist": {"training.num_steps": 300, "training.eval_every_steps": 100},
     "cifar10": {},
 }
 
