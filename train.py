@@ -393,7 +393,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         }
         return record
 
-    step = start_step
+    step, final_eval = start_step, None
     try:
         while step < t.num_steps:
             batch = next(batches)
@@ -413,7 +413,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 progress.update(step, loss=record["loss"], accuracy=record["accuracy"])
             is_best = False
             if step % t.eval_every_steps == 0 or last:
-                result = evaluate_split(eval_fn, state, eval_split, config, mesh)
+                result = final_eval = evaluate_split(eval_fn, state, eval_split, config, mesh)
                 writer.write(
                     {
                         "step": step,
@@ -450,7 +450,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         preemption.restore()
 
     checkpoints.wait()
-    final_eval = evaluate_split(eval_fn, state, eval_split, config, mesh)
+    if final_eval is None:  # killed after the last checkpoint, before results.json
+        final_eval = evaluate_split(eval_fn, state, eval_split, config, mesh)
     final_test = evaluate_split(eval_fn, state, splits.test, config, mesh)
     _, best_state, _ = checkpoints.restore(ckpt_lib.abstract_like(state), "best")
     best_test = evaluate_split(eval_fn, best_state, splits.test, config, mesh)
