@@ -6,6 +6,8 @@ Arrays are NHWC. Parameters are float32; `dtype` is the computation dtype.
 
 from __future__ import annotations
 
+import functools
+import itertools
 from collections.abc import Callable
 
 import jax
@@ -40,6 +42,31 @@ def _symmetric(padding: int) -> tuple[tuple[int, int], tuple[int, int]]:
     return ((padding, padding), (padding, padding))
 
 
+def materialized(x: jax.Array) -> jax.Array:
+    """Returns `x` unchanged, computed into its own buffer that later operations cannot fuse
+    into (a conditional both of whose branches return x).
+
+    Why: XLA:CPU computes a conv's weight gradient from a copy of its input transposed to
+    [C, H, W, B]. It fuses the input's producers (BatchNorm, ReLU, residual additions) into
+    that transpose, which then recomputes them in a strided loop about 6x slower than a plain
+    transpose of the stored input. `lax.optimization_barrier` does not prevent this: the CPU
+    compiler removes barriers before fusion. Measured in benchmarks/README.md: ResNet-20
+    training 1.37x, the plain ConvNet 1.15x faster, All-CNN-C inference 1.6x.
+    """
+    if jax.default_backend() != "cpu":  # a conditional costs a device-to-host sync on GPUs
+        return x
+    # The NaN branch adds 0.0, which XLA cannot simplify away (it turns -0.0 into 0.0), so the
+    # conditional survives; it returns the same values as the other branch.
+    return jax.lax.cond(jnp.isnan(x.reshape(-1)[0]), lambda y: y + 0.0, lambda y: y, x)
+
+
+class Conv(nnx.Conv):
+    """nnx.Conv whose input is `materialized` first (same parameters, same outputs)."""
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        return super().__call__(materialized(inputs))
+
+
 def conv(
     in_channels: int,
     filters: int,
@@ -53,7 +80,7 @@ def conv(
 ) -> nnx.Conv:
     """Returns a conv layer F x F, stride S, P zeros on every side (never 'SAME': the padding
     is what the config says). Maps [B, H, W, D1] -> [B, H2, W2, K]."""
-    return nnx.Conv(
+    return Conv(
         in_channels,
         filters,
         (kernel_size, kernel_size),
@@ -156,16 +183,79 @@ def norm(function: str, channels: int, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> n
     raise ValueError(f"unknown norm {function!r}; valid: {', '.join(NORMS[1:])}")
 
 
+def _strided_views(
+    x: jax.Array, window: int, stride: int, padding: int, pad_value: float, axes: tuple[int, ...]
+) -> list[jax.Array]:
+    """Returns the F^len(axes) strided views of `x` (padded with `pad_value`, P on each side of
+    `axes`) that hold, for each offset in the window, that element of every window: each view
+    has the pooled output's shape, and pooling is an elementwise reduction over them."""
+    if padding:
+        pads = [(padding, padding) if a in axes else (0, 0) for a in range(x.ndim)]
+        x = jnp.pad(x, pads, constant_values=pad_value)
+    size = {a: (x.shape[a] - window) // stride + 1 for a in axes}
+    views = []
+    for offsets in itertools.product(range(window), repeat=len(axes)):
+        index = [slice(None)] * x.ndim
+        for a, o in zip(axes, offsets, strict=True):
+            index[a] = slice(o, o + stride * (size[a] - 1) + 1, stride)
+        views.append(x[tuple(index)])
+    return views
+
+
+def _max_by_views(x, window, stride, padding, axes):
+    return functools.reduce(jnp.maximum, _strided_views(x, window, stride, padding, -jnp.inf, axes))
+
+
+def _mean_by_views(x, window, stride, padding, axes):
+    total = functools.reduce(jnp.add, _strided_views(x, window, stride, padding, 0.0, axes))
+    return total / window ** len(axes)
+
+
+def _reduce_window(x, function, window, stride, padding, axes):
+    dims = tuple(window if a in axes else 1 for a in range(x.ndim))
+    strides = tuple(stride if a in axes else 1 for a in range(x.ndim))
+    pads = tuple((padding, padding) if a in axes else (0, 0) for a in range(x.ndim))
+    if function == "max":
+        # A Python -inf as the initial value lets JAX recognise the max monoid.
+        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, dims, strides, pads)
+    total = jax.lax.reduce_window(x, 0.0, jax.lax.add, dims, strides, pads)
+    return total / window ** len(axes)
+
+
+_BY_VIEWS = {"max": _max_by_views, "mean": _mean_by_views}
+
+
+# The value comes from one reduce_window pass (fastest forward, e.g. at inference); the
+# gradient is that of the same pooling written as elementwise ops on strided views. XLA
+# differentiates reduce_window through select_and_scatter (max) or a padded reduce_window
+# (mean), which on CPU made max-pooled training steps several times slower; the views'
+# gradient is a few fused elementwise passes (a 2x2/2 max pool's backward: ~30x faster here,
+# benchmarks/README.md). Ties in a max window share its gradient equally (a valid subgradient,
+# like reduce_window's pick-one).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
+def _window_pool(x, function, window, stride, padding, axes):
+    return _reduce_window(x, function, window, stride, padding, axes)
+
+
+def _window_pool_fwd(x, function, window, stride, padding, axes):
+    return jax.vjp(lambda x: _BY_VIEWS[function](x, window, stride, padding, axes), x)
+
+
+def _window_pool_bwd(function, window, stride, padding, axes, vjp, cotangent):
+    return vjp(cotangent)
+
+
+_window_pool.defvjp(_window_pool_fwd, _window_pool_bwd)
+
+
 def max_pool(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
     """Max over F x F windows of [B, H, W, C]; padding never wins (it is -inf)."""
-    return nnx.max_pool(x, (window, window), (stride, stride), _symmetric(padding))
+    return _window_pool(x, "max", window, stride, padding, (1, 2))
 
 
 def avg_pool(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
     """Mean over F x F windows of [B, H, W, C]; padded zeros count (divisor always F*F)."""
-    return nnx.avg_pool(
-        x, (window, window), (stride, stride), _symmetric(padding), count_include_pad=True
-    )
+    return _window_pool(x, "mean", window, stride, padding, (1, 2))
 
 
 def l2_pool(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
@@ -180,15 +270,7 @@ def depth_pool(x: jax.Array, window: int, stride: int, padding: int) -> jax.Arra
     """Max over windows of F neighbouring channels: [B, H, W, D1] -> [B, H, W, D2] with
     D2 = floor((D1 + 2P - F)/S) + 1; H and W unchanged (the maxout unit of Goodfellow et al.
     2013, arXiv 1302.4389)."""
-    # A Python -inf as the initial value lets JAX recognise the max monoid (differentiable).
-    return jax.lax.reduce_window(
-        x,
-        -jnp.inf,
-        jax.lax.max,
-        (1, 1, 1, window),
-        (1, 1, 1, stride),
-        ((0, 0), (0, 0), (0, 0), (padding, padding)),
-    )
+    return _window_pool(x, "max", window, stride, padding, (3,))
 
 
 _POOLS = {"max": max_pool, "avg": avg_pool, "l2": l2_pool, "depth": depth_pool}

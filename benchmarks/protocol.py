@@ -1,0 +1,131 @@
+"""How the benchmark talks to its workers: one JSON object per line, over stdin and stdout.
+
+Every measured program (our JAX step, the PyTorch reference, JAX under other XLA flags) runs in
+its own worker process, because XLA reads its flags once per process and because a worker's
+peak resident memory is then that of one training run. The coordinator keeps all workers of a
+model alive and asks each in turn for one timed window, so that machine noise hits them alike.
+
+A worker answers a command {"cmd": name, ...} with {"ok": true, ...} or {"ok": false,
+"error": message}. Its stdout carries only these lines: anything else a library prints goes
+to stderr (`serve` moves file descriptor 1 there).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from typing import IO
+
+Handler = Callable[..., dict]
+
+
+class WorkerError(RuntimeError):
+    """A worker failed to start or to answer a command; the message holds its stderr tail."""
+
+
+def peak_rss_bytes() -> int:
+    """Returns this process's peak resident set size in bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def restrict_cores(cores: int) -> int:
+    """Pins this process to the first `cores` of the CPUs it may use (0: leave all); returns
+    the number it may use. Call it before JAX or torch start their thread pools, which size
+    themselves from this set."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if cores:
+        os.sched_setaffinity(0, allowed[:cores])
+    return len(os.sched_getaffinity(0))
+
+
+def serve(setup: Callable[[], tuple[dict, Mapping[str, Handler]]]) -> None:
+    """Runs a worker: `setup()` returns (ready message, {command: handler}); then answers
+    commands from stdin until 'exit' or end of input. Handlers take the command's fields as
+    keyword arguments and return a dict."""
+    protocol_out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # stray prints of libraries go to stderr, not into the protocol
+    sys.stdout = sys.stderr
+
+    def reply(message: dict) -> None:
+        protocol_out.write(json.dumps(message) + "\n")
+
+    try:
+        ready, handlers = setup()
+    except Exception as e:  # the coordinator reports it with the model's name
+        reply({"ok": False, "error": f"{type(e).__name__}: {e}"})
+        raise
+    reply({"ok": True, **ready})
+    handlers = {"peak_rss": lambda: {"peak_rss_bytes": peak_rss_bytes()}, **handlers}
+    for line in sys.stdin:
+        command = json.loads(line)
+        name = command.pop("cmd")
+        if name == "exit":
+            break
+        try:
+            reply({"ok": True, **handlers[name](**command)})
+        except Exception as e:
+            reply({"ok": False, "error": f"{type(e).__name__}: {e}"})
+
+
+class Worker:
+    """A worker process seen from the coordinator: start it, send commands, read answers."""
+
+    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None):
+        self.name = name
+        self._stderr: IO = tempfile.TemporaryFile()  # noqa: SIM115 (closed in close())
+        self._process = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.ready: dict | None = None
+
+    def _read(self) -> dict:
+        line = self._process.stdout.readline()
+        if not line:
+            self._process.wait()
+            raise WorkerError(
+                f"worker {self.name} exited ({self._process.returncode}):\n{self.stderr_tail()}"
+            )
+        message = json.loads(line)
+        if not message.pop("ok"):
+            raise WorkerError(f"worker {self.name}: {message['error']}\n{self.stderr_tail()}")
+        return message
+
+    def wait_ready(self) -> dict:
+        """Blocks until the worker has set up (built, compiled, warmed up); returns its report."""
+        self.ready = self._read()
+        return self.ready
+
+    def call(self, cmd: str, **fields) -> dict:
+        """Sends one command and returns the worker's answer."""
+        self._process.stdin.write(json.dumps({"cmd": cmd, **fields}) + "\n")
+        self._process.stdin.flush()
+        return self._read()
+
+    def stderr_tail(self, lines: int = 30) -> str:
+        """Returns the last `lines` lines the worker wrote to stderr."""
+        self._stderr.flush()
+        self._stderr.seek(0)
+        text = self._stderr.read().decode(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def close(self) -> None:
+        """Asks the worker to exit (killing it if it does not within 30 s) and cleans up."""
+        if self._process.poll() is None:
+            try:
+                self._process.stdin.write(json.dumps({"cmd": "exit"}) + "\n")
+                self._process.stdin.close()
+                self._process.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self._process.kill()
+                self._process.wait()
+        self._stderr.close()
