@@ -159,6 +159,9 @@ def _config_mismatch(checkpoints: ckpt_lib.Checkpoints, which: str | int, abstra
         return []
 
 
+_SETTLE_SECONDS = 0.25  # after a failed read, the wait for TensorStore's threads to go quiet
+
+
 @contextlib.contextmanager
 def _stderr_held_back():
     """Holds back what the process writes to stderr (file descriptor 2, so native threads too)
@@ -178,6 +181,9 @@ def _stderr_held_back():
         except BaseException:
             failed = True
             gc.collect()  # finalise the failed read's coroutines while their output is held
+            # Reads already in flight finish on TensorStore's threads within milliseconds and
+            # then print; let them, so that their output lands here and not after the error.
+            time.sleep(_SETTLE_SECONDS)
             raise
         finally:
             sys.stderr.flush()
@@ -212,21 +218,23 @@ def restore_state(config, info, mesh, workdir: Path, checkpoint: str | int):
     checkpoints = ckpt_lib.Checkpoints(
         workdir, keep=config.training.keep_checkpoints, read_only=True
     )
-    try:
-        with _stderr_held_back():
+    # The whole failure path (the metadata read and closing the managers included) runs with
+    # stderr held back: Orbax's reader threads print their tracebacks while it unwinds.
+    with _stderr_held_back():
+        try:
             step, state, _ = checkpoints.restore(abstract, which)
-    except UserError as error:
-        differences = _config_mismatch(checkpoints, which, abstract)
-        if differences:
-            raise UserError(
-                f"{workdir / 'config.json'} does not match the checkpoint's arrays: "
-                + "; ".join(differences[:3])
-                + (f" (and {len(differences) - 3} more)" if len(differences) > 3 else "")
-                + ". Was config.json edited? Restore the config that trained this run."
-            ) from error
-        raise
-    finally:
-        checkpoints.close()
+        except UserError as error:
+            differences = _config_mismatch(checkpoints, which, abstract)
+            if differences:
+                raise UserError(
+                    f"{workdir / 'config.json'} does not match the checkpoint's arrays: "
+                    + "; ".join(differences[:3])
+                    + (f" (and {len(differences) - 3} more)" if len(differences) > 3 else "")
+                    + ". Was config.json edited? Restore the config that trained this run."
+                ) from error
+            raise
+        finally:
+            checkpoints.close()
     return graphdef, step, state
 
 
