@@ -34,6 +34,7 @@ test: lint
 
 bench: $(BENCH_STAMP)
 	$(PY) -m benchmarks.throughput
+	$(PY) -m benchmarks.compile_time
 
 clean:
 	rm -rf $(VENV) $(RUN_DIR) .pytest_cache .ruff_cache .hypothesis

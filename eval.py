@@ -24,7 +24,7 @@ Translation invariance (eval.json "shift"), measured in pixel space before norma
 
 from training import runtime
 
-runtime.configure_xla_flags()  # before JAX starts its backend
+runtime.configure_jax()  # before JAX starts its backend
 
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402

@@ -15,7 +15,7 @@ import sys
 
 from training import runtime
 
-runtime.configure_xla_flags()  # before JAX starts its backend
+runtime.configure_jax()  # before JAX starts its backend
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

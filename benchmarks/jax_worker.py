@@ -7,7 +7,7 @@ It builds the state and compiles the steps exactly as train.py does (`train.crea
 (benchmarks/protocol.py): `train` (steps on a batch already on the device), `pipeline` (steps
 fed by the real input pipeline, `data.train_batches`), `eval` (eval steps on one batch),
 `matmul` (a large float32 matmul, for the machine's peak). Each returns the window's seconds.
-XLA flags: the project's (`training.runtime.configure_xla_flags`, as train.py sets them) on
+XLA flags: the project's (`training.runtime.configure_jax`, as train.py sets them) on
 top of $XLA_FLAGS, or with `--noproject_flags` only $XLA_FLAGS (JAX's defaults when unset).
 """
 
@@ -45,9 +45,11 @@ def benchmark_config(model: str, batch_size: int, eval_batch_size: int):
 
 def setup() -> tuple[dict, dict]:
     """Builds, compiles and warms up the steps; returns (ready report, command handlers)."""
-    if not flags.FLAGS.project_flags:
-        # The before/after comparison: train.py adds the project's flags when it is imported.
+    if not flags.FLAGS.project_flags:  # the before/after comparison of XLA flags
         runtime.DEFAULT_XLA_FLAGS = {}
+    # As train.py does, before JAX starts. The coordinator turns the compilation cache off
+    # ($JAX_ENABLE_COMPILATION_CACHE=false) unless it measures the cache itself.
+    runtime.configure_jax()
     start = time.perf_counter()
     import jax
     import jax.numpy as jnp
@@ -69,8 +71,12 @@ def setup() -> tuple[dict, dict]:
     splits = data.load(config.dataset, seed=config.seed)
     specs = models.architecture(config.model, splits.info.image_shape, splits.info.num_classes)
 
+    if flags.FLAGS.init_optimized:  # the before/after comparison of the init program's build
+        train.INIT_COMPILER_OPTIONS = {}
     start = time.perf_counter()
     graphdef, state = train.create_train_state(config, splits.info, mesh)
+    jax.block_until_ready(state)
+    init_seconds = time.perf_counter() - start
     train_fn, eval_fn, compile_seconds = train.compile_steps(config, graphdef, state, splits, mesh)
     batches = data.train_batches(
         splits.train, global_batch_size=config.training.batch_size, seed=0, sharding=sharding
@@ -128,6 +134,7 @@ def setup() -> tuple[dict, dict]:
         "eval_batch_size": config.training.eval_batch_size,
         "matmul_flops": 2 * MATMUL_SIZE**3,
         "import_seconds": import_seconds,
+        "init_seconds": init_seconds,
         "compile_seconds": compile_seconds,
         "first_step_seconds": first_step_seconds,
         "cores": len(os.sched_getaffinity(0)),
@@ -158,6 +165,12 @@ def define_flags() -> None:
     flags.DEFINE_integer("cores", 0, "Use only the first N CPUs (0: all).")
     flags.DEFINE_bool(
         "project_flags", True, "Add the project's default XLA flags (training/runtime.py)."
+    )
+    flags.DEFINE_bool(
+        "init_optimized",
+        False,
+        "Compile the initialisation program with LLVM's optimisations (before the change to "
+        "train.INIT_COMPILER_OPTIONS).",
     )
 
 

@@ -119,10 +119,11 @@ def start_workers(model: str, settings: Settings) -> list[Worker]:
     """Starts the contestants' workers one after another (each compiles alone); returns them."""
     common = [f"--model={model}", f"--batch_size={settings.batch_size}"]
     common += [f"--eval_batch_size={settings.eval_batch_size}", f"--cores={settings.cores}"]
-    specs = [(JAX, [sys.executable, "-m", "benchmarks.jax_worker", *common], {})]
+    cold = {"JAX_ENABLE_COMPILATION_CACHE": "false"}  # compile times from scratch
+    specs = [(JAX, [sys.executable, "-m", "benchmarks.jax_worker", *common], cold)]
     for name, xla_flags in settings.variants:
         argv = [sys.executable, "-m", "benchmarks.jax_worker", *common, "--noproject_flags"]
-        specs.append((name, argv, {"XLA_FLAGS": xla_flags}))
+        specs.append((name, argv, {**cold, "XLA_FLAGS": xla_flags}))
     if settings.reference == TORCH:
         specs.append((TORCH, [sys.executable, "-m", "benchmarks.torch_worker", *common], {}))
     workers = []
@@ -195,7 +196,13 @@ def summarize(
     """Returns one contestant's medians: images/s, step times, compile time, memory."""
     out = {
         k: ready[k]
-        for k in ("params", "compile_seconds", "first_step_seconds", "import_seconds")
+        for k in (
+            "params",
+            "init_seconds",
+            "compile_seconds",
+            "first_step_seconds",
+            "import_seconds",
+        )
         if k in ready
     }
     train = seconds_per_step(windows["train"])

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from training import runtime
 
-runtime.configure_xla_flags()  # before JAX starts its backend
+runtime.configure_jax()  # before JAX starts its backend
 
 from absl import app, flags, logging  # noqa: E402
 

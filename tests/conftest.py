@@ -2,4 +2,4 @@
 
 from training import runtime
 
-runtime.configure_xla_flags()
+runtime.configure_jax()

@@ -196,3 +196,34 @@ def test_benchmark_script_runs_and_writes_its_report(tmp_path):
     assert ours["compile_seconds"] > 0 and ours["peak_rss_mib"] > 0
     assert "pipeline_share" in ours and report["matmul_peak_gflops"] > 0
     assert report["environment"]["xla_flags"]  # the project's default flags were set
+
+
+def test_compile_time_script_measures_every_setting(tmp_path):
+    output = tmp_path / "compile_time.json"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.compile_time",
+            "--models=pooled_max",
+            "--eval_batch_size=64",
+            f"--output={output}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "| pooled_max |" in run.stdout
+    report = json.loads(output.read_text())
+    times = report["models"]["pooled_max"]
+    assert set(times) == {"before", "cold", "warm"}
+    for setting in times.values():
+        assert 0 < setting["init_seconds"] < setting["first_step_seconds"]
+        assert 0 < setting["compile_seconds"] < setting["first_step_seconds"]
+    assert set(report["targets"]["pooled_max"]) == {
+        "compile_at_most_10s_before",
+        "compile_at_most_10s_cold",
+        "compile_at_most_10s_warm",
+    }

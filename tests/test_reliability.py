@@ -218,3 +218,62 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path):
     got = json.loads((workdir / "results.json").read_text())
     assert got["final"] == ref["final"]
     assert got["best"] == ref["best"]
+
+
+@pytest.mark.slow
+def test_compilation_cache_is_reused_and_a_broken_entry_loses_nothing(tmp_path):
+    """The persistent compilation cache (training/runtime.py): a second run of the same config
+    compiles nothing new and ends exactly as the first; after a run killed while writing the
+    cache (here: every entry truncated), JAX recompiles and the result is again the same."""
+    cache = tmp_path / "cache"
+    env = dict(
+        os.environ,
+        JAX_COMPILATION_CACHE_DIR=str(cache),
+        JAX_ENABLE_COMPILATION_CACHE="1",
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",  # every program, however quick
+        JAX_LOG_COMPILES="1",  # logs each persistent cache hit as a warning
+    )
+    args = [
+        "--config=configs/builtin.py:pooled_max",
+        *SMALL,
+        "--config.training.num_steps=8",
+        "--config.schedule.warmup_steps=2",
+    ]
+
+    def run(name: str) -> tuple[dict, str]:
+        done = train_cli(*args, f"--workdir={tmp_path / name}", env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads((tmp_path / name / "results.json").read_text()), done.stderr
+
+    first, log = run("first")
+    assert "Persistent compilation cache hit" not in log
+    entries = sorted(p.name for p in cache.iterdir())
+    assert any(name.startswith("jit_train_step") for name in entries)
+    assert any(name.startswith("jit_eval_step") for name in entries)
+    second, log = run("second")
+    assert log.count("Persistent compilation cache hit") >= 2
+    assert "train_step" in log and "eval_step" in log
+    assert sorted(p.name for p in cache.iterdir()) == entries  # nothing new was compiled
+    assert second["final"] == first["final"]
+    for path in cache.iterdir():
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    third, log = run("third")
+    assert "Error reading persistent compilation cache entry" in log
+    assert third["final"] == first["final"]
+
+
+def test_compilation_cache_settings_leave_the_users_alone(monkeypatch, tmp_path):
+    from training import runtime
+
+    for name in ("JAX_COMPILATION_CACHE_DIR", "JAX_ENABLE_COMPILATION_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert runtime.configure_compilation_cache() == str(tmp_path / "convnets" / "jax")
+    assert os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] == "0.5"
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/mine")
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "3")
+    assert runtime.configure_compilation_cache() == "/mine"
+    assert os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] == "3"
+    monkeypatch.setenv("JAX_ENABLE_COMPILATION_CACHE", "false")
+    assert runtime.configure_compilation_cache() is None

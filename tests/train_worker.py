@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from training import runtime  # noqa: E402
 
-runtime.configure_xla_flags()
+runtime.configure_jax()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
