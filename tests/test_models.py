@@ -353,6 +353,32 @@ def test_batchnorm_uses_batch_statistics_in_training():
     assert not np.allclose(train_logits, eval_logits)
 
 
+def test_batchnorm_running_statistics_update_as_flax_does():
+    """layers.norm('batch') swaps Flax's running-statistic variables for RunningStat (a cheaper
+    trace); under jit and eagerly, the updated statistics and outputs are Flax's own."""
+    ours = layers.norm("batch", 8, dtype=jnp.float32, rngs=_rngs())
+    flax_bn = nnx.BatchNorm(
+        8, momentum=layers.BATCH_NORM_MOMENTUM, epsilon=layers.NORM_EPSILON, rngs=_rngs()
+    )
+    assert isinstance(ours.mean, nnx.BatchStat) and isinstance(ours.mean, layers.RunningStat)
+    step = nnx.jit(lambda m, x: m(x, use_running_average=False))
+    for i in range(3):
+        x = 2.0 + 3.0 * jax.random.normal(jax.random.key(i), (4, 5, 5, 8))
+        np.testing.assert_allclose(step(ours, x), step(flax_bn, x), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            ours(x, use_running_average=False),
+            flax_bn(x, use_running_average=False),
+            rtol=1e-6,
+            atol=1e-6,
+        )
+    for name in ("mean", "var"):
+        got, want = getattr(ours, name)[...], getattr(flax_bn, name)[...]
+        assert float(jnp.abs(got - jnp.array(0.0 if name == "mean" else 1.0)).min()) > 0.1
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    ours.mean[...] = jnp.ones(8)  # a concrete full replacement still goes through Flax
+    np.testing.assert_array_equal(ours.mean[...], np.ones(8))
+
+
 def test_capture_activations_under_jit():
     cfg = _cfg(*FAMILY_CASES["pooled_max"])
     model = models.create_model(cfg, TINY, 10, rngs=_rngs())
