@@ -2,13 +2,15 @@
 
     python -m benchmarks.compile_time                              # all families, table + JSON
     python -m benchmarks.compile_time --models=resnet56 --rounds=3
+    python -m benchmarks.compile_time --before_commit=36dead7     # against an earlier commit
 
 Each measurement is a fresh worker process (benchmarks/jax_worker.py, which builds and compiles
 exactly as train.py does), so nothing is cached in memory between them. Per model and round,
 one after another:
 
-- `before`: the initialisation program compiled with LLVM's optimisations, no compilation
-  cache: how the project compiled before `train.INIT_COMPILER_OPTIONS`;
+- `before`: with `--before_commit=REV`, that commit's own worker, run from a temporary
+  `git worktree` with the compilation cache off; without it, today's code with the
+  initialisation program compiled with LLVM's optimisations and the cache off;
 - `cold`: the project as it is, with an empty persistent compilation cache (a first run);
 - `warm`: the project as it is, with the cache the `cold` process left (any later run of the
   same program: another seed, a resume, the next run of an experiment).
@@ -21,10 +23,12 @@ and a table on stdout; benchmarks/README.md records a run.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -51,38 +55,86 @@ def define_flags() -> None:
     flags.DEFINE_string(
         "output", "benchmarks/results/compile_time.json", "Where to write the JSON results."
     )
+    flags.DEFINE_string(
+        "before_commit",
+        None,
+        "Measure `before` with this git commit's own worker (a temporary worktree).",
+    )
 
 
-def measure(model: str, setting: str, cache_dir: str, batch_size: int, eval_batch: int) -> dict:
-    """Starts one worker in `setting`, reads its set-up times, stops it."""
+def measure(
+    model: str,
+    setting: str,
+    cache_dir: str,
+    batch_size: int,
+    eval_batch: int,
+    before_tree: Path | None = None,
+) -> dict:
+    """Starts one worker in `setting`, reads its set-up times, stops it. A key the worker does
+    not report (an older commit's worker has no `init_seconds`) is None."""
     argv = [sys.executable, "-m", "benchmarks.jax_worker", f"--model={model}"]
     argv += [f"--batch_size={batch_size}", f"--eval_batch_size={eval_batch}"]
+    cwd = None
     if setting == "before":
-        argv.append("--init_optimized")
         env = {"JAX_ENABLE_COMPILATION_CACHE": "false"}
+        if before_tree is None:
+            argv.append("--init_optimized")
+        else:
+            cwd = before_tree
     else:
         env = {"JAX_ENABLE_COMPILATION_CACHE": "true", "JAX_COMPILATION_CACHE_DIR": cache_dir}
-    worker = Worker(f"{model}:{setting}", argv, env)
+    worker = Worker(f"{model}:{setting}", argv, env, cwd=cwd)
     try:
         ready = worker.wait_ready()
     finally:
         worker.close()
-    return {k: ready[k] for k in KEYS}
+    return {k: ready.get(k) for k in KEYS}
 
 
-def time_model(model: str, rounds: int, batch_size: int, eval_batch: int) -> dict:
+def _median(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def time_model(
+    model: str, rounds: int, batch_size: int, eval_batch: int, before_tree: Path | None = None
+) -> dict:
     """Returns {setting: {key: median seconds, key_rounds: [...]}} for `model`."""
     samples = {s: [] for s in SETTINGS}
     for _ in range(rounds):
         with tempfile.TemporaryDirectory(prefix="convnets-jax-cache-") as cache_dir:
             for setting in SETTINGS:
-                samples[setting].append(measure(model, setting, cache_dir, batch_size, eval_batch))
-                print(f"{model} {setting}: {samples[setting][-1]}", file=sys.stderr, flush=True)
+                times = measure(model, setting, cache_dir, batch_size, eval_batch, before_tree)
+                samples[setting].append(times)
+                print(f"{model} {setting}: {times}", file=sys.stderr, flush=True)
     out = {}
     for setting, runs in samples.items():
-        out[setting] = {k: statistics.median(r[k] for r in runs) for k in KEYS}
+        out[setting] = {k: _median([r[k] for r in runs]) for k in KEYS}
         out[setting].update({f"{k}_rounds": [r[k] for r in runs] for k in KEYS})
     return out
+
+
+@contextlib.contextmanager
+def worktree(commit: str | None):
+    """Yields a temporary `git worktree` of `commit` (None: yields None), removed afterwards."""
+    if commit is None:
+        yield None
+        return
+    root = Path(__file__).resolve().parent.parent
+    git = ["git", "-C", str(root)]
+    with tempfile.TemporaryDirectory(prefix="convnets-before-") as parent:
+        tree = Path(parent) / "tree"
+        done = subprocess.run(
+            [*git, "worktree", "add", "--detach", str(tree), commit],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode:
+            raise app.UsageError(f"--before_commit={commit}: {done.stderr.strip()}")
+        try:
+            yield tree
+        finally:
+            subprocess.run([*git, "worktree", "remove", "--force", str(tree)], capture_output=True)
 
 
 def format_table(results: dict) -> str:
@@ -91,7 +143,7 @@ def format_table(results: dict) -> str:
     )
     lines = [head + " |", "|---" * (1 + 3 * len(SETTINGS)) + "|"]
     for model, r in results.items():
-        cells = [f"{r[s][k]:.1f}" for s in SETTINGS for k in KEYS]
+        cells = ["-" if r[s][k] is None else f"{r[s][k]:.1f}" for s in SETTINGS for k in KEYS]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -102,9 +154,19 @@ def main(argv: Sequence[str]) -> None:
     f = flags.FLAGS
     started = datetime.datetime.now(datetime.UTC)
     load_before = os.getloadavg()
-    results = {m: time_model(m, f.rounds, f.batch_size, f.eval_batch_size) for m in f.models}
+    with worktree(f.before_commit) as before_tree:
+        results = {
+            m: time_model(m, f.rounds, f.batch_size, f.eval_batch_size, before_tree)
+            for m in f.models
+        }
+    before = f"commit {f.before_commit}" if f.before_commit else "init optimised, no cache"
     report = {
-        "settings": {"rounds": f.rounds, "batch_size": f.batch_size, "models": f.models},
+        "settings": {
+            "rounds": f.rounds,
+            "batch_size": f.batch_size,
+            "models": f.models,
+            "before": before,
+        },
         "environment": {
             "started": started.isoformat(timespec="seconds"),
             "machine_cores": len(os.sched_getaffinity(0)),

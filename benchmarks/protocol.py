@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import IO
 
 Handler = Callable[..., dict]
@@ -75,7 +76,13 @@ def serve(setup: Callable[[], tuple[dict, Mapping[str, Handler]]]) -> None:
 class Worker:
     """A worker process seen from the coordinator: start it, send commands, read answers."""
 
-    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        cwd: str | Path | None = None,
+    ):
         self.name = name
         self._stderr: IO = tempfile.TemporaryFile()  # noqa: SIM115 (closed in close())
         self._process = subprocess.Popen(
@@ -85,6 +92,7 @@ class Worker:
             stderr=self._stderr,
             text=True,
             env={**os.environ, **(env or {})},
+            cwd=cwd,
         )
         self.ready: dict | None = None
 

@@ -207,6 +207,7 @@ def test_compile_time_script_measures_every_setting(tmp_path):
             "benchmarks.compile_time",
             "--models=pooled_max",
             "--eval_batch_size=64",
+            "--before_commit=HEAD",  # that commit's worker, from a temporary git worktree
             f"--output={output}",
         ],
         cwd=ROOT,
@@ -222,8 +223,22 @@ def test_compile_time_script_measures_every_setting(tmp_path):
     for setting in times.values():
         assert 0 < setting["init_seconds"] < setting["first_step_seconds"]
         assert 0 < setting["compile_seconds"] < setting["first_step_seconds"]
+    assert report["settings"]["before"] == "commit HEAD"
     assert set(report["targets"]["pooled_max"]) == {
         "compile_at_most_10s_before",
         "compile_at_most_10s_cold",
         "compile_at_most_10s_warm",
     }
+
+
+def test_compile_time_script_refuses_an_unknown_commit(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.compile_time", "--before_commit=no-such-commit"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode != 0
+    assert "--before_commit=no-such-commit" in run.stderr
+    assert "Traceback" not in run.stderr
