@@ -208,13 +208,7 @@ def restore_state(config, info, mesh, workdir: Path, checkpoint: str | int):
             f"{workdir} has no checkpoints yet; wait for train.py's first checkpoint "
             f"(every {config.training.checkpoint_every_steps} steps)."
         )
-    # The structure of the train state, replicated like create_train_state lays it out, without
-    # compiling or computing its initial values.
-    graphdef, shapes = jax.eval_shape(lambda: train.create_train_state(config, info, mesh))
-    replicated = NamedSharding(mesh, P())
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes
-    )
+    graphdef, abstract = train.abstract_train_state(config, info, mesh)
     checkpoints = ckpt_lib.Checkpoints(
         workdir, keep=config.training.keep_checkpoints, read_only=True
     )

@@ -58,21 +58,19 @@ class Diverged(UserError):
 INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
-def create_train_state(config: ml_collections.ConfigDict, info, mesh):
-    """Returns (graphdef, state): the model's static structure and its replicated arrays.
-
-    `state` is a dict pytree {step, params, batch_stats, other, opt_state, rng} laid out on
-    every device of `mesh` (replicated: data parallelism). It is built inside jit so that a
-    multi-host run creates it on all hosts without transfers.
-    """
+def _init_program(config: ml_collections.ConfigDict, info, mesh):
+    """Returns (init, structure): `init` is the jit-wrapped program that builds the train state;
+    tracing it records the model's graphdef (static structure) in structure['graphdef']."""
     tx = optim.make_optimizer(config)
+    structure = {}
 
-    def build():
+    def init():
         model = models.create_model(
             config.model, info.image_shape, info.num_classes, rngs=nnx.Rngs(config.seed)
         )
         graphdef, params, batch_stats, other = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-        state = {
+        structure["graphdef"] = graphdef
+        return {
             "step": jnp.zeros((), jnp.int32),
             "params": params,
             "batch_stats": batch_stats,
@@ -80,24 +78,32 @@ def create_train_state(config: ml_collections.ConfigDict, info, mesh):
             "opt_state": tx.init(params),
             "rng": jax.random.key_data(jax.random.key(config.seed)),
         }
-        return graphdef, state
 
-    graphdef = _graphdef_of(build)
-    init = jax.jit(lambda: build()[1], out_shardings=NamedSharding(mesh, P()))
+    return jax.jit(init, out_shardings=NamedSharding(mesh, P())), structure
+
+
+def create_train_state(config: ml_collections.ConfigDict, info, mesh):
+    """Returns (graphdef, state): the model's static structure and its replicated arrays.
+
+    `state` is a dict pytree {step, params, batch_stats, other, opt_state, rng} laid out on
+    every device of `mesh` (replicated: data parallelism). It is built inside jit so that a
+    multi-host run creates it on all hosts without transfers; the model is traced once.
+    """
+    init, structure = _init_program(config, info, mesh)
     state = init.lower().compile(compiler_options=INIT_COMPILER_OPTIONS)()
-    return graphdef, state
+    return structure["graphdef"], state
 
 
-def _graphdef_of(build):
-    """Returns build()'s graphdef (static structure) without computing any array."""
-    out = {}
-
-    def state_only():
-        out["graphdef"], state = build()
-        return state
-
-    jax.eval_shape(state_only)
-    return out["graphdef"]
+def abstract_train_state(config: ml_collections.ConfigDict, info, mesh):
+    """Returns (graphdef, abstract state): create_train_state's structure, as ShapeDtypeStructs
+    with its shardings, without compiling or computing anything (e.g. a restore target)."""
+    init, structure = _init_program(config, info, mesh)
+    replicated = NamedSharding(mesh, P())
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+        jax.eval_shape(init),
+    )
+    return structure["graphdef"], abstract
 
 
 def merge_model(graphdef, state) -> nnx.Module:
