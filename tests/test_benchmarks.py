@@ -167,24 +167,27 @@ def test_torch_reference_has_our_parameter_count_for_every_preset():
 # --- the script itself ----------------------------------------------------------------------
 
 
-def test_benchmark_script_runs_and_writes_its_report(tmp_path):
-    output = tmp_path / "results.json"
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.throughput",
-            "--models=plain",
-            "--windows=1",
-            "--window_seconds=0.05",
-            "--eval_batch_size=64",
-            "--reference=none",
-            f"--output={output}",
-        ],
+def run_module(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Runs `python -m module args...` in the project root and returns what it did."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
+    )
+
+
+def test_benchmark_script_runs_and_writes_its_report(tmp_path):
+    output = tmp_path / "results.json"
+    run = run_module(
+        "benchmarks.throughput",
+        "--models=plain",
+        "--windows=1",
+        "--window_seconds=0.05",
+        "--eval_batch_size=64",
+        "--reference=none",
+        f"--output={output}",
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "plain" in run.stdout and "train img/s" in run.stdout
@@ -200,20 +203,12 @@ def test_benchmark_script_runs_and_writes_its_report(tmp_path):
 
 def test_compile_time_script_measures_every_setting(tmp_path):
     output = tmp_path / "compile_time.json"
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.compile_time",
-            "--models=pooled_max",
-            "--eval_batch_size=64",
-            "--before_commit=HEAD",  # that commit's worker, from a temporary git worktree
-            f"--output={output}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run = run_module(
+        "benchmarks.compile_time",
+        "--models=pooled_max",
+        "--eval_batch_size=64",
+        "--before_commit=HEAD",  # that commit's worker, from a temporary git worktree
+        f"--output={output}",
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "| pooled_max |" in run.stdout
@@ -231,14 +226,8 @@ def test_compile_time_script_measures_every_setting(tmp_path):
     }
 
 
-def test_compile_time_script_refuses_an_unknown_commit(tmp_path):
-    run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.compile_time", "--before_commit=no-such-commit"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def test_compile_time_script_refuses_an_unknown_commit():
+    run = run_module("benchmarks.compile_time", "--before_commit=no-such-commit", timeout=120)
     assert run.returncode != 0
     assert "--before_commit=no-such-commit" in run.stderr
     assert "Traceback" not in run.stderr
