@@ -277,3 +277,15 @@ def test_compilation_cache_settings_leave_the_users_alone(monkeypatch, tmp_path)
     assert os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] == "3"
     monkeypatch.setenv("JAX_ENABLE_COMPILATION_CACHE", "false")
     assert runtime.configure_compilation_cache() is None
+
+
+def test_unwritable_cache_folder_means_no_cache_not_an_error(monkeypatch, tmp_path):
+    from training import runtime
+
+    for name in ("JAX_COMPILATION_CACHE_DIR", "JAX_ENABLE_COMPILATION_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # a file: no folder can go below it
+    assert runtime.configure_compilation_cache() is None
+    assert "JAX_COMPILATION_CACHE_DIR" not in os.environ

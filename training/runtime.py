@@ -45,10 +45,22 @@ def configure_compilation_cache() -> str | None:
     $JAX_COMPILATION_CACHE_DIR and $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS are kept;
     $JAX_ENABLE_COMPILATION_CACHE=false turns the cache off. Call before importing JAX.
     """
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(default_compilation_cache_dir()))
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
     if os.environ.get("JAX_ENABLE_COMPILATION_CACHE", "true").lower() in ("0", "false", "no"):
         return None
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        folder = default_compilation_cache_dir()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # e.g. a read-only home on a cluster: run without the cache
+            logging.warning(
+                "no compilation cache: cannot create %s (%s); set $JAX_COMPILATION_CACHE_DIR "
+                "to a writable folder to keep compiled programs between runs.",
+                folder,
+                e,
+            )
+            return None
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = str(folder)
     return os.environ["JAX_COMPILATION_CACHE_DIR"] or None
 
 
