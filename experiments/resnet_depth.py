@@ -19,5 +19,5 @@ BUDGETS = {
 
 
 get_experiment = define(
-    "resnet_depth", QUESTION, PRESETS, budgets=BUDGETS, seeds={"small": (0,), "fashion_mnist": (0,)}
+    "resnet_depth", QUESTION, PRESETS, budgets=BUDGETS, seeds={"small": (0,), "fashion_mnist": (0, 1)}
 )
