@@ -19,5 +19,9 @@ BUDGETS = {
 
 
 get_experiment = define(
-    "resnet_depth", QUESTION, PRESETS, budgets=BUDGETS, seeds={"small": (0,), "fashion_mnist": (0, 1)}
+    "resnet_depth",
+    QUESTION,
+    PRESETS,
+    budgets=BUDGETS,
+    seeds={"small": (0,), "fashion_mnist": (0, 1)},
 )
