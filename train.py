@@ -346,12 +346,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     if chief:
         write_run_files(workdir, config, specs)
 
-    graphdef, state = create_train_state(config, info, mesh)
     checkpoints = ckpt_lib.Checkpoints(workdir, keep=t.keep_checkpoints)
     start_step, meta = 0, {}
-    if checkpoints.latest_step() is not None:
-        start_step, state, meta = checkpoints.restore(ckpt_lib.abstract_like(state))
+    if checkpoints.latest_step() is not None:  # restore: no initial state to compute
+        graphdef, abstract = abstract_train_state(config, info, mesh)
+        start_step, state, meta = checkpoints.restore(abstract)
         logging.info("resuming from the checkpoint of step %d", start_step)
+    else:
+        graphdef, state = create_train_state(config, info, mesh)
     writer = metrics_lib.MetricsWriter(workdir, enabled=chief)
     writer.truncate_after(start_step)
 
