@@ -37,6 +37,7 @@ from pathlib import Path
 from absl import app, flags
 
 from benchmarks.protocol import Worker
+from benchmarks.throughput import DEFAULT_MODELS
 
 SETTINGS = ("before", "cold", "warm")
 KEYS = ("init_seconds", "compile_seconds", "first_step_seconds")
@@ -46,7 +47,7 @@ TARGET_COMPILE_SECONDS = 10.0
 def define_flags() -> None:
     flags.DEFINE_list(
         "models",
-        ["plain", "pooled_max", "allcnn_c", "resnet20", "resnet56", "wide_resnet"],
+        list(DEFAULT_MODELS),
         "Model presets to time.",
     )
     flags.DEFINE_integer("rounds", 1, "Measurements of each setting per model (medians).")
