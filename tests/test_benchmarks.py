@@ -1,7 +1,8 @@
 """The benchmark: its arithmetic, the PyTorch reference's equivalence with our models, the
 pooling rewrite's gradients, and one real run of the script on a small model.
 
-Nothing here times anything: the numbers come from `python -m benchmarks.throughput`.
+Nothing here times anything: the numbers come from `python -m benchmarks.throughput` and
+`python -m benchmarks.conv_parts`.
 """
 
 import json
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from absl import app
 
-from benchmarks import throughput
+from benchmarks import conv_parts, throughput
 from models import layers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,6 +163,116 @@ def test_torch_reference_has_our_parameter_count_for_every_preset():
         specs = models.architecture(models.preset(preset), (32, 32, 3), 10)
         network = torch_reference.Network(specs)
         assert torch_reference.count_params(network) == summary.to_json(specs)["total_params"]
+
+
+# --- the project's XLA flags (training/runtime.py) -------------------------------------------
+
+
+def test_project_xla_flags_are_added_without_overriding_the_users(monkeypatch):
+    from training import runtime
+
+    (flag,) = runtime.DEFAULT_XLA_FLAGS["cpu"]
+    name = flag.split("=", 1)[0]
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert runtime.configure_xla_flags() == flag
+    assert runtime.configure_xla_flags() == flag  # idempotent: not added twice
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+    assert runtime.configure_xla_flags() == f"--xla_force_host_platform_device_count=4 {flag}"
+    for own in (f"{name}=", f"{name}=reduce,eltwise"):  # the user's value, even empty, wins
+        monkeypatch.setenv("XLA_FLAGS", f"--xla_force_host_platform_device_count=2 {own}")
+        assert runtime.configure_xla_flags() == f"--xla_force_host_platform_device_count=2 {own}"
+    monkeypatch.delenv("XLA_FLAGS")
+    assert runtime.configure_xla_flags(platform="tpu") == ""  # none measured there: none set
+
+
+# --- the convolution passes (benchmarks/conv_parts.py) -----------------------------------------
+
+
+def test_conv_parts_takes_each_convolution_from_the_architecture():
+    import models
+    from configs import builtin
+
+    specs = models.architecture(builtin.get_config("resnet20").model, (32, 32, 3), 10)
+    conv_specs = [s for s in specs if s.kind == "conv"]
+    convs = conv_parts.model_convs("resnet20")
+    assert len(convs) == len(conv_specs) == 19
+    # only the stem's input gradient is never needed: nothing before it is trained
+    assert [needs_dx for _, needs_dx in convs] == [False] + [True] * 18
+    for (conv, _), spec in zip(convs, conv_specs, strict=True):
+        assert (conv.height, conv.width, conv.depth) == spec.in_shape
+        assert (conv.output_size(conv.height), conv.output_size(conv.width)) == spec.out_shape[:2]
+        assert conv.flops(batch=1) == spec.flops  # W2 = (W1 + 2P - F) / S + 1, per pass
+    assert len({conv.key for conv, _ in convs}) == 6
+
+
+def test_conv_parts_torch_passes_compute_what_jax_passes_compute():
+    pytest.importorskip("torch", reason="needs the bench extra: pip install -e '.[bench]'")
+    # a strided convolution (its input gradient dilates), the stem (3 channels), a 1x1
+    for conv in (
+        conv_parts.Conv(16, 16, 8, 16, 3, 2, 1),
+        conv_parts.Conv(12, 12, 3, 8, 3, 1, 1),
+        conv_parts.Conv(8, 8, 16, 4, 1, 1, 0),
+    ):
+        inputs = conv_parts.make_inputs(conv, batch=4)
+        ours = {k: np.asarray(run()) for k, run in conv_parts.jax_passes(conv, *inputs).items()}
+        torch = {k: run().numpy() for k, run in conv_parts.torch_passes(conv, *inputs).items()}
+        assert set(ours) == set(torch) == set(conv_parts.PASSES)
+        x, w, dy = inputs
+        assert ours["fwd"].shape == dy.shape and ours["dx"].shape == x.shape
+        assert ours["dw"].shape == w.shape
+        for name in conv_parts.PASSES:
+            scale = np.max(np.abs(ours[name]))
+            assert scale > 0.1, (conv.key, name)
+            np.testing.assert_allclose(torch[name], ours[name], atol=1e-5 * scale, rtol=1e-4)
+
+
+def test_conv_parts_step_ceilings_arithmetic():
+    # steps of 128 images: ours 0.4 s (320 img/s), torch 0.2 s (640 img/s); convolutions
+    # 0.3 s of ours and 0.1 s of torch's
+    throughput = {"settings": {"batch_size": 128}, "models": [_result("m", 320.0, 640.0)]}
+    totals = {"m": {"xla": 0.3, "xla_ynnpack": 0.5, "torch": 0.1}}
+    (ceiling,) = conv_parts.step_ceilings(totals, throughput).values()
+    assert ceiling["ratio"] == pytest.approx(0.5)
+    assert ceiling["conv_share"] == {"xla": pytest.approx(0.75), "torch": pytest.approx(0.5)}
+    assert ceiling["if_rest_equal"] == pytest.approx(0.2 / (0.1 + 0.3))
+    assert ceiling["if_rest_free"] == pytest.approx(0.2 / 0.3)
+    assert "m" in conv_parts.format_ceilings({"m": ceiling})
+    # models measured without torch, or missing from the other report, are left out
+    assert conv_parts.step_ceilings({"other": totals["m"]}, throughput) == {}
+
+
+def test_conv_parts_refuses_step_times_it_cannot_use(tmp_path):
+    wrong_batch = tmp_path / "batch64.json"
+    wrong_batch.write_text(json.dumps({"settings": {"batch_size": 64}, "models": []}))
+    for path, expected in ((wrong_batch, "batch size 64"), (tmp_path / "none.json", "none.json")):
+        run = run_module("benchmarks.conv_parts", f"--step_times={path}", timeout=120)
+        assert run.returncode != 0
+        assert expected in run.stderr and "Traceback" not in run.stderr
+
+
+def test_conv_parts_script_times_every_pass_and_sums_each_model(tmp_path):
+    output = tmp_path / "conv_parts.json"
+    run = run_module(
+        "benchmarks.conv_parts",
+        "--models=pooled_max",
+        "--windows=1",
+        "--window_seconds=0.01",
+        "--reference=none",
+        f"--output={output}",
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "xla dw ms" in run.stdout and "pooled_max" in run.stdout
+    report = json.loads(output.read_text())
+    convs = report["convolutions"]
+    assert len(convs) == 3 and all(c["uses"] == {"pooled_max": 1} for c in convs)
+    for contestant in ("xla", "xla_ynnpack"):
+        seconds = [c["seconds"][contestant] for c in convs]
+        assert all(s[p] > 0 for s in seconds for p in conv_parts.PASSES)
+        # one training step: the stem's forward and weight gradient, all three passes after
+        expected = seconds[0]["fwd"] + seconds[0]["dw"] + sum(sum(s.values()) for s in seconds[1:])
+        assert report["models"]["pooled_max"][contestant] == pytest.approx(expected)
+    assert report["environment"]["contestants"]["xla"]["xla_flags"]  # the project's flags
+    assert not report["environment"]["contestants"]["xla_ynnpack"]["xla_flags"]
 
 
 # --- the script itself ----------------------------------------------------------------------
