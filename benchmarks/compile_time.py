@@ -23,12 +23,10 @@ and a table on stdout; benchmarks/README.md records a run.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -36,7 +34,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from benchmarks.protocol import Worker
+from benchmarks.protocol import Worker, worktree
 from benchmarks.throughput import DEFAULT_MODELS
 
 SETTINGS = ("before", "cold", "warm")
@@ -113,29 +111,6 @@ def time_model(
         out[setting] = {k: _median([r[k] for r in runs]) for k in KEYS}
         out[setting].update({f"{k}_rounds": [r[k] for r in runs] for k in KEYS})
     return out
-
-
-@contextlib.contextmanager
-def worktree(commit: str | None):
-    """Yields a temporary `git worktree` of `commit` (None: yields None), removed afterwards."""
-    if commit is None:
-        yield None
-        return
-    root = Path(__file__).resolve().parent.parent
-    git = ["git", "-C", str(root)]
-    with tempfile.TemporaryDirectory(prefix="convnets-before-") as parent:
-        tree = Path(parent) / "tree"
-        done = subprocess.run(
-            [*git, "worktree", "add", "--detach", str(tree), commit],
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode:
-            raise app.UsageError(f"--before_commit={commit}: {done.stderr.strip()}")
-        try:
-            yield tree
-        finally:
-            subprocess.run([*git, "worktree", "remove", "--force", str(tree)], capture_output=True)
 
 
 def format_table(results: dict) -> str:

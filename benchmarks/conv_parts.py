@@ -10,7 +10,9 @@ three passes alone for every distinct convolution of the given models (the Layer
 `models.architecture`: same shapes, strides and explicit padding, the training batch), in
 worker processes (benchmarks/protocol.py) with interleaved windows:
 
-- `xla`: XLA:CPU with the project's flags (training/runtime.py), i.e. Eigen's convolutions;
+- `xla`: XLA:CPU with the project's flags (training/runtime.py), i.e. Eigen's convolutions,
+  and the project's convolution (`models.layers.conv_general_dilated`: strided convolutions'
+  input gradient by phases);
 - `xla_ynnpack`: XLA:CPU with JAX's default flags, which hand convolutions to YNNPACK;
 - `torch`: PyTorch channels-last, i.e. oneDNN: `torch.ops.aten.convolution_backward` with an
   output mask computes dx or dw alone, as autograd calls it.
@@ -124,11 +126,14 @@ def make_inputs(conv: Conv, batch: int, seed: int = 0):
 
 def jax_passes(conv: Conv, x, w, dy) -> dict:
     """Returns {pass: function of no arguments} computing each pass on the device in XLA,
-    compiled ahead of time; each call returns the pass's result, ready."""
+    compiled ahead of time; each call returns the pass's result, ready. The convolution is the
+    project's (`models.layers.conv_general_dilated`, what `layers.Conv` calls)."""
     import jax
 
+    from models import layers
+
     def forward(x, w):
-        return jax.lax.conv_general_dilated(
+        return layers.conv_general_dilated(
             x,
             w,
             (conv.stride, conv.stride),

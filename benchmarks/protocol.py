@@ -12,13 +12,14 @@ to stderr (`serve` moves file descriptor 1 there).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -137,3 +138,30 @@ class Worker:
                 self._process.kill()
                 self._process.wait()
         self._stderr.close()
+
+
+@contextlib.contextmanager
+def worktree(commit: str | None, flag: str = "--before_commit") -> Iterator[Path | None]:
+    """Yields a temporary `git worktree` of `commit` (None: yields None), removed afterwards:
+    an earlier commit's own workers, to time before and after a change in one run. A commit
+    git does not know raises a UsageError that names `flag`."""
+    from absl import app
+
+    if commit is None:
+        yield None
+        return
+    root = Path(__file__).resolve().parent.parent
+    git = ["git", "-C", str(root)]
+    with tempfile.TemporaryDirectory(prefix="convnets-before-") as parent:
+        tree = Path(parent) / "tree"
+        done = subprocess.run(
+            [*git, "worktree", "add", "--detach", str(tree), commit],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode:
+            raise app.UsageError(f"{flag}={commit}: {done.stderr.strip()}")
+        try:
+            yield tree
+        finally:
+            subprocess.run([*git, "worktree", "remove", "--force", str(tree)], capture_output=True)

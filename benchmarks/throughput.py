@@ -4,11 +4,13 @@
     python -m benchmarks.throughput --models=resnet20 --windows=3 --reference=none
     python -m benchmarks.throughput --xla_variant=jax_default= \\
         --xla_variant=ynn_off=--xla_cpu_experimental_ynn_fusion_type=   # XLA flags before/after
+    python -m benchmarks.throughput --before_commit=HEAD~1 --reference=none   # a change
 
 For each model it starts one worker process per contestant (benchmarks/protocol.py): our JAX
 step (benchmarks/jax_worker.py: train.create_train_state + train.compile_steps, as train.py
 runs them), the PyTorch reference built from the same LayerSpecs (benchmarks/torch_worker.py),
-and JAX under each `--xla_variant` (XLA reads its flags once per process). Workers start one
+JAX under each `--xla_variant` (XLA reads its flags once per process), and with
+`--before_commit` that commit's own JAX worker (a temporary git worktree). Workers start one
 after another, so each compile time is measured alone; then the coordinator asks them in turn
 for timed windows, reversing the order every round, so that the machine's noise hits all alike.
 It reports medians over the windows:
@@ -40,7 +42,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from benchmarks.protocol import Worker
+from benchmarks.protocol import Worker, worktree
 
 # One model per family (plain, pooled, All-CNN-C, two CIFAR ResNet depths, the wide ResNet).
 DEFAULT_MODELS = ("plain", "pooled_max", "allcnn_c", "resnet20", "resnet56", "wide_resnet")
@@ -50,6 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TRAIN_FLOPS_PER_FORWARD = 3
 JAX = "jax"  # the project's JAX step, with the project's XLA flags
 TORCH = "torch"
+BEFORE = "before"  # the JAX step of --before_commit
 # The targets of the benchmark issue (this 2-core CPU).
 TARGET_PIPELINE_SHARE = 0.05
 TARGET_COMPILE_SECONDS = 10.0
@@ -66,6 +69,7 @@ class Settings:
     cores: int = 0
     reference: str = TORCH
     variants: tuple[tuple[str, str], ...] = ()
+    before_commit: str | None = None
 
 
 def define_flags() -> None:
@@ -96,6 +100,12 @@ def define_flags() -> None:
         "project's defaults (FLAGS empty: JAX's defaults). Repeat for several.",
     )
     flags.DEFINE_string(
+        "before_commit",
+        None,
+        "Also time the step of this git commit (its own worker, from a temporary worktree), "
+        "as contestant 'before': a code change measured before and after in one run.",
+    )
+    flags.DEFINE_string(
         "output", str(ROOT / "benchmarks" / "results" / "throughput.json"), "JSON results file."
     )
 
@@ -107,29 +117,35 @@ def define_flags() -> None:
 def parse_variant(text: str) -> tuple[str, str]:
     """Returns (name, XLA flags) from 'NAME=FLAGS' (FLAGS may contain '=' and be empty)."""
     name, sep, xla_flags = text.partition("=")
-    if not sep or not name or name in (JAX, TORCH):
+    if not sep or not name or name in (JAX, TORCH, BEFORE):
         raise app.UsageError(
-            f"--xla_variant={text!r}: expected NAME=FLAGS with a NAME other than jax and torch, "
+            f"--xla_variant={text!r}: expected NAME=FLAGS with a NAME other than jax, torch and "
+            "before, "
             "e.g. jax_default= or ynn_off=--xla_cpu_experimental_ynn_fusion_type="
         )
     return name, xla_flags
 
 
-def start_workers(model: str, settings: Settings) -> list[Worker]:
-    """Starts the contestants' workers one after another (each compiles alone); returns them."""
+def start_workers(model: str, settings: Settings, before_tree: Path | None = None) -> list[Worker]:
+    """Starts the contestants' workers one after another (each compiles alone); returns them.
+    `before_tree`: a checkout of `settings.before_commit`, whose worker runs as 'before'."""
     common = [f"--model={model}", f"--batch_size={settings.batch_size}"]
     common += [f"--eval_batch_size={settings.eval_batch_size}", f"--cores={settings.cores}"]
     cold = {"JAX_ENABLE_COMPILATION_CACHE": "false"}  # compile times from scratch
-    specs = [(JAX, [sys.executable, "-m", "benchmarks.jax_worker", *common], cold)]
+    jax_worker = [sys.executable, "-m", "benchmarks.jax_worker", *common]
+    specs = [(JAX, jax_worker, cold, None)]
     for name, xla_flags in settings.variants:
-        argv = [sys.executable, "-m", "benchmarks.jax_worker", *common, "--noproject_flags"]
-        specs.append((name, argv, {**cold, "XLA_FLAGS": xla_flags}))
+        specs.append(
+            (name, [*jax_worker, "--noproject_flags"], {**cold, "XLA_FLAGS": xla_flags}, None)
+        )
+    if before_tree is not None:
+        specs.append((BEFORE, jax_worker, cold, before_tree))
     if settings.reference == TORCH:
-        specs.append((TORCH, [sys.executable, "-m", "benchmarks.torch_worker", *common], {}))
+        specs.append((TORCH, [sys.executable, "-m", "benchmarks.torch_worker", *common], {}, None))
     workers = []
     try:
-        for name, argv, env in specs:
-            worker = Worker(name, argv, env)
+        for name, argv, env, cwd in specs:
+            worker = Worker(name, argv, env, cwd=cwd)
             workers.append(worker)
             worker.wait_ready()
     except BaseException:
@@ -222,9 +238,11 @@ def summarize(
     return out
 
 
-def benchmark_model(model: str, settings: Settings) -> tuple[dict, dict]:
+def benchmark_model(
+    model: str, settings: Settings, before_tree: Path | None = None
+) -> tuple[dict, dict]:
     """Runs every contestant on `model`; returns (its results, {contestant: ready report})."""
-    workers = start_workers(model, settings)
+    workers = start_workers(model, settings, before_tree)
     try:
         windows = measure(workers, settings.windows, settings.window_seconds)
         contestants = {}
@@ -346,8 +364,13 @@ def format_table(results: Sequence[dict], peak_gflops: float) -> str:
     lines.insert(1, "-" * len(lines[0]))
     lines.append(f"float32 matmul peak (2048^3, best of JAX and torch): {peak_gflops:.0f} GFLOP/s")
     for name in variants:
+        label = (
+            "our step / before"
+            if name == BEFORE
+            else f"our step with the project's XLA flags / {name}"
+        )
         lines.append(
-            f"our step with the project's XLA flags / {name}: "
+            f"{label}: "
             + ", ".join(
                 f"{r['model']} {r[f'ours_over_{name}_train']:.2f}x"
                 + f" (compile {r['contestants'][name]['compile_seconds']:.1f} s)"
@@ -384,16 +407,18 @@ def main(argv: Sequence[str]) -> None:
         cores=f.cores,
         reference=f.reference,
         variants=tuple(parse_variant(v) for v in f.xla_variant),
+        before_commit=f.before_commit,
     )
     started = datetime.datetime.now(datetime.UTC)
     load_before = os.getloadavg()
     check = settings.reference == TORCH and f.check_models
     equivalence = run_equivalence(f.check_models) if check else []
     results, ready = [], {}
-    for model in f.models:
-        result, ready[model] = benchmark_model(model, settings)
-        results.append(result)
-        print(f"{model}: done", file=sys.stderr, flush=True)
+    with worktree(settings.before_commit) as before_tree:
+        for model in f.models:
+            result, ready[model] = benchmark_model(model, settings, before_tree)
+            results.append(result)
+            print(f"{model}: done", file=sys.stderr, flush=True)
     peak = add_peak_ratios(results)
     first = ready[f.models[0]]
     environment = {

@@ -60,8 +60,111 @@ def materialized(x: jax.Array) -> jax.Array:
     return jax.lax.cond(jnp.isnan(x.reshape(-1)[0]), lambda y: y + 0.0, lambda y: y, x)
 
 
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv(x: jax.Array, kernel: jax.Array, strides, padding) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_NHWC)
+
+
+def _input_grad_by_phases(dy: jax.Array, kernel: jax.Array, x_shape, strides, padding):
+    """Returns the gradient of `_conv(x, kernel, strides, padding)` with respect to x, given the
+    output's gradient dy, as one stride-1 convolution per phase of the input grid.
+
+    With stride S, padded input row S*q + r receives dy[q - t] * kernel[S*t + r] over the taps
+    t of phase r only. XLA instead convolves dy dilated with S-1 zeros between rows and columns
+    with the whole flipped kernel: S^2 times the multiplications, most by zero. Here each of
+    the S^2 phases convolves dy, undilated, with its own taps kernel[r::S, c::S] (flipped,
+    channels swapped); the phases are then interleaved and the padding cropped.
+    """
+    batch, height, width, depth = x_shape
+    (s_h, s_w), ((lo_h, hi_h), (lo_w, hi_w)) = strides, padding
+    out_h, out_w = dy.shape[1:3]
+    # rows and columns of each phase: the padded input's, divided by the stride, rounded up
+    q_h, q_w = -(-(height + lo_h + hi_h) // s_h), -(-(width + lo_w + hi_w) // s_w)
+    rows = []
+    for r in range(s_h):
+        phases = []
+        for c in range(s_w):
+            taps = kernel[r::s_h, c::s_w]  # [T_h, T_w, D1, K]
+            t_h, t_w = taps.shape[:2]
+            if t_h == 0 or t_w == 0:  # kernel smaller than the stride: no tap reaches here
+                phases.append(jnp.zeros((batch, q_h, q_w, depth), dy.dtype))
+                continue
+            taps = jnp.flip(taps, (0, 1)).swapaxes(2, 3)  # [T_h, T_w, K, D1]
+            pads = ((t_h - 1, q_h - out_h), (t_w - 1, q_w - out_w))
+            phases.append(_conv(dy, taps, (1, 1), pads))
+        rows.append(jnp.stack(phases, axis=3))  # [B, q_h, q_w, s_w, D1]
+    grid = jnp.stack(rows, axis=2).reshape(batch, q_h * s_h, q_w * s_w, depth)
+    return grid[:, lo_h : lo_h + height, lo_w : lo_w + width, :]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _strided_conv(x, kernel, strides, padding):
+    return _conv(x, kernel, strides, padding)
+
+
+def _strided_conv_fwd(x, kernel, strides, padding):
+    return _conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _strided_conv_bwd(strides, padding, residuals, dy):
+    x, kernel = residuals
+    _, kernel_vjp = jax.vjp(lambda k: _conv(x, k, strides, padding), kernel)
+    return _input_grad_by_phases(dy, kernel, x.shape, strides, padding), kernel_vjp(dy)[0]
+
+
+_strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
+
+
+def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    **kwargs,
+):
+    """`jax.lax.conv_general_dilated`, whose input gradient is computed by phases
+    (`_input_grad_by_phases`) for a strided 2-D NHWC convolution with explicit padding on CPU.
+
+    Same values, same weight gradient; the input gradient equal up to float rounding. XLA:CPU's
+    own input gradient of a stride-2 convolution (dy dilated with zeros) was 2.0-2.3x slower
+    at these networks' sizes (benchmarks/README.md). On GPUs, cuDNN's strided backward pass is
+    used as it is. Every other convolution goes to `jax.lax.conv_general_dilated` unchanged.
+    """
+    by_phases = (
+        jax.default_backend() == "cpu"
+        and lhs.ndim == 4
+        and max(window_strides) > 1
+        and not isinstance(padding, str)
+        and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+        and feature_group_count == 1
+        and dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+        and all(v is None for v in kwargs.values())  # precision, preferred type, sharding
+    )
+    if by_phases:
+        pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+        return _strided_conv(lhs, rhs, tuple(int(s) for s in window_strides), pads)
+    return jax.lax.conv_general_dilated(
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation,
+        rhs_dilation,
+        dimension_numbers,
+        feature_group_count,
+        **kwargs,
+    )
+
+
 class Conv(nnx.Conv):
-    """nnx.Conv whose input is `materialized` first (same parameters, same outputs)."""
+    """nnx.Conv whose input is `materialized` first (same parameters, same outputs), and whose
+    strided convolutions' input gradient is computed by phases (`conv_general_dilated`)."""
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
         return super().__call__(materialized(inputs))
@@ -90,6 +193,7 @@ def conv(
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=KERNEL_INIT,
+        conv_general_dilated=conv_general_dilated,
         rngs=rngs,
     )
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import app
+from flax import nnx
 
 from benchmarks import conv_parts, throughput
 from models import layers
@@ -128,6 +129,65 @@ def test_depth_pooling_gradient_equals_reduce_window():
         jax.grad(lambda x: jnp.sum(previous(x) ** 2))(x),
         rtol=1e-6,
     )
+
+
+@pytest.mark.parametrize(
+    "size, f, s, padding",
+    [
+        (32, 3, 2, ((1, 1), (1, 1))),  # the ResNets' and All-CNN-C's downsampling
+        (32, 1, 2, ((0, 0), (0, 0))),  # a 1x1 projection: three of four phases get no tap
+        (9, 3, 2, ((1, 1), (1, 1))),  # odd size: the last phase row is cropped
+        (10, 5, 3, ((2, 2), (2, 2))),  # stride 3, kernel 5
+        (11, 2, 2, ((0, 1), (1, 0))),  # even kernel, asymmetric padding
+        (7, 3, 3, ((0, 0), (0, 0))),  # windows that skip input rows: zero gradient there
+    ],
+)
+def test_strided_conv_gradients_equal_lax(size, f, s, padding):
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(2, size, size + 1, 3)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(f, f, 3, 5)), jnp.float32)
+    dims = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
+
+    def conv(implementation):
+        return lambda x, k: implementation(x, k, (s, s), padding, dimension_numbers=dims)
+
+    ours, theirs = conv(layers.conv_general_dilated), conv(jax.lax.conv_general_dilated)
+    np.testing.assert_array_equal(ours(x, kernel), theirs(x, kernel))
+    weights = jnp.asarray(rng.normal(size=theirs(x, kernel).shape), jnp.float32)
+    grads = [
+        jax.jit(jax.grad(lambda x, k, c=c: jnp.sum(c(x, k) * weights), argnums=(0, 1)))(x, kernel)
+        for c in (ours, theirs)
+    ]
+    for a, b in zip(*grads, strict=True):
+        assert a.shape == b.shape and float(jnp.max(jnp.abs(b))) > 0.1
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    if f <= s and not any(padding[0]):  # rows no window reads get no gradient
+        covered = np.zeros(size, bool)
+        for start in range(0, size - f + 1, s):
+            covered[start : start + f] = True
+        assert not np.any(np.asarray(grads[0][0])[:, ~covered])
+
+
+def test_strided_conv_layer_uses_phases_and_unstrided_ones_lax():
+    def backward(layer, x):
+        return jax.jit(jax.grad(lambda x: jnp.sum(layer(x)))).lower(x).as_text()
+
+    x = jnp.ones((1, 8, 8, 3))
+    dims = ("NHWC", "HWIO", "NHWC")
+    strided = layers.conv(3, 4, 3, 2, 1, use_bias=True, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    kernel = strided.kernel[...]
+    lax_strided = lambda x: jax.lax.conv_general_dilated(
+        x, kernel, (2, 2), ((1, 1),) * 2, None, None, dims
+    )
+    # XLA's own input gradient dilates dy with zeros; the layer's does not
+    assert "lhs_dilate = [2, 2]" in backward(lax_strided, x)
+    assert "lhs_dilate = [2, 2]" not in backward(strided, x)
+    # stride 1, or padding given by name: lax's convolution, untouched
+    plain = layers.conv(3, 4, 3, 1, 1, use_bias=True, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    assert "custom_vjp" not in str(jax.make_jaxpr(plain)(x))
+    named = lambda x: layers.conv_general_dilated(x, kernel, (2, 2), "SAME", dimension_numbers=dims)
+    assert "custom_vjp" not in str(jax.make_jaxpr(named)(x))
+    assert "custom_vjp" in str(jax.make_jaxpr(strided)(x))
 
 
 def test_materialized_is_the_identity_under_jit_grad_and_vmap():
@@ -298,13 +358,17 @@ def test_benchmark_script_runs_and_writes_its_report(tmp_path):
         "--window_seconds=0.05",
         "--eval_batch_size=64",
         "--reference=none",
+        "--before_commit=HEAD",  # that commit's worker, from a temporary git worktree
         f"--output={output}",
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "plain" in run.stdout and "train img/s" in run.stdout
+    assert "our step / before: plain" in run.stdout
     report = json.loads(output.read_text())
     (result,) = report["models"]
     ours = result["contestants"]["jax"]
+    assert result["contestants"]["before"]["train_images_per_s"] > 0
+    assert result["ours_over_before_train"] > 0
     assert result["params"] == result["params_real"] == 342_026
     assert ours["train_images_per_s"] > 0 and ours["eval_images_per_s"] > 0
     assert ours["compile_seconds"] > 0 and ours["peak_rss_mib"] > 0
