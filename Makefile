@@ -35,7 +35,7 @@ test: lint
 bench: $(BENCH_STAMP)
 	$(PY) -m benchmarks.throughput
 	$(PY) -m benchmarks.compile_time
-	$(PY) -m benchmarks.conv_parts
+	$(PY) -m benchmarks.conv_parts --step_times=benchmarks/results/throughput.json
 
 clean:
 	rm -rf $(VENV) $(RUN_DIR) .pytest_cache .ruff_cache .hypothesis

@@ -143,7 +143,9 @@ def conv_general_dilated(
         and not isinstance(padding, str)
         and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
         and feature_group_count == 1
-        and dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+        and dimension_numbers is not None
+        and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+        == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
         and all(v is None for v in kwargs.values())  # precision, preferred type, sharding
     )
     if by_phases:

@@ -188,6 +188,16 @@ def test_strided_conv_layer_uses_phases_and_unstrided_ones_lax():
     named = lambda x: layers.conv_general_dilated(x, kernel, (2, 2), "SAME", dimension_numbers=dims)
     assert "custom_vjp" not in str(jax.make_jaxpr(named)(x))
     assert "custom_vjp" in str(jax.make_jaxpr(strided)(x))
+    # dimension numbers given as strings, as conv_parts.py does, mean the same
+    by_name = lambda x: layers.conv_general_dilated(
+        x, kernel, (2, 2), ((1, 1),) * 2, None, None, dims
+    )
+    assert "custom_vjp" in str(jax.make_jaxpr(by_name)(x))
+    nchw = jnp.ones((1, 3, 8, 8))  # other layouts: lax's
+    by_nchw = lambda x: layers.conv_general_dilated(
+        x, kernel.transpose(3, 2, 0, 1), (2, 2), ((1, 1),) * 2, dimension_numbers=None
+    )
+    assert "custom_vjp" not in str(jax.make_jaxpr(by_nchw)(nchw))
 
 
 def test_materialized_is_the_identity_under_jit_grad_and_vmap():
