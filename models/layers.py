@@ -135,6 +135,8 @@ def conv_general_dilated(
     own input gradient of a stride-2 convolution (dy dilated with zeros) was 2.0-2.3x slower
     at these networks' sizes (benchmarks/README.md). On GPUs, cuDNN's strided backward pass is
     used as it is. Every other convolution goes to `jax.lax.conv_general_dilated` unchanged.
+    Like the pooling layers' gradients, it is a `jax.custom_vjp`: reverse mode (grad, vjp)
+    only; forward mode (jax.jvp, jacfwd) through a strided convolution on CPU raises.
     """
     by_phases = (
         jax.default_backend() == "cpu"
