@@ -238,27 +238,14 @@ def start_workers(convs: Sequence[Conv], batch: int, cores: int, reference: str)
     common = [f"--convs={payload}", f"--batch_size={batch}", f"--cores={cores}"]
     module = [sys.executable, "-m", "benchmarks.conv_parts"]
     cold = {"JAX_ENABLE_COMPILATION_CACHE": "false"}
+    jax_worker = [*module, "--serve=jax", *common]
     specs = [
-        (XLA, [*module, "--serve=jax", *common], cold),
-        (
-            YNNPACK,
-            [*module, "--serve=jax", "--noproject_flags", *common],
-            {**cold, "XLA_FLAGS": ""},
-        ),
+        (XLA, jax_worker, cold, ROOT),
+        (YNNPACK, [*jax_worker, "--noproject_flags"], {**cold, "XLA_FLAGS": ""}, ROOT),
     ]
     if reference == TORCH:
-        specs.append((TORCH, [*module, "--serve=torch", *common], {}))
-    workers = []
-    try:
-        for name, argv, env in specs:
-            worker = protocol.Worker(name, argv, env, cwd=ROOT)
-            workers.append(worker)
-            worker.wait_ready()
-    except BaseException:
-        for worker in workers:
-            worker.close()
-        raise
-    return workers
+        specs.append((TORCH, [*module, "--serve=torch", *common], {}, ROOT))
+    return protocol.start_one_by_one(specs)
 
 
 def measure(workers, convs: Sequence[Conv], windows: int, window_seconds: float) -> dict:

@@ -140,6 +140,24 @@ class Worker:
         self._stderr.close()
 
 
+def start_one_by_one(
+    specs: Sequence[tuple[str, Sequence[str], Mapping[str, str] | None, str | Path | None]],
+) -> list[Worker]:
+    """Starts a worker per (name, argv, env, cwd), each after the previous one is ready (so
+    that each compiles alone); returns them. If one fails, stops those started and re-raises."""
+    workers = []
+    try:
+        for name, argv, env, cwd in specs:
+            worker = Worker(name, argv, env, cwd=cwd)
+            workers.append(worker)
+            worker.wait_ready()
+    except BaseException:
+        for worker in workers:
+            worker.close()
+        raise
+    return workers
+
+
 @contextlib.contextmanager
 def worktree(commit: str | None, flag: str = "--before_commit") -> Iterator[Path | None]:
     """Yields a temporary `git worktree` of `commit` (None: yields None), removed afterwards:

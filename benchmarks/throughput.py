@@ -42,7 +42,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from benchmarks.protocol import Worker, worktree
+from benchmarks.protocol import Worker, start_one_by_one, worktree
 
 # One model per family (plain, pooled, All-CNN-C, two CIFAR ResNet depths, the wide ResNet).
 DEFAULT_MODELS = ("plain", "pooled_max", "allcnn_c", "resnet20", "resnet56", "wide_resnet")
@@ -142,17 +142,7 @@ def start_workers(model: str, settings: Settings, before_tree: Path | None = Non
         specs.append((BEFORE, jax_worker, cold, before_tree))
     if settings.reference == TORCH:
         specs.append((TORCH, [sys.executable, "-m", "benchmarks.torch_worker", *common], {}, None))
-    workers = []
-    try:
-        for name, argv, env, cwd in specs:
-            worker = Worker(name, argv, env, cwd=cwd)
-            workers.append(worker)
-            worker.wait_ready()
-    except BaseException:
-        for worker in workers:
-            worker.close()
-        raise
-    return workers
+    return start_one_by_one(specs)
 
 
 # --------------------------------------------------------------------------------------------
