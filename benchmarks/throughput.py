@@ -114,6 +114,18 @@ def define_flags() -> None:
 # Contestants
 
 
+def check_models(names: Sequence[str]) -> None:
+    """Raises a UsageError (one line, no traceback) unless every name is a model preset."""
+    import models
+
+    unknown = [name for name in names if name not in models.PRESETS]
+    if unknown or not names:
+        raise app.UsageError(
+            f"--models: unknown model preset(s) {', '.join(unknown) or '(none given)'}; "
+            f"valid presets: {', '.join(models.PRESETS)}"
+        )
+
+
 def parse_variant(text: str) -> tuple[str, str]:
     """Returns (name, XLA flags) from 'NAME=FLAGS' (FLAGS may contain '=' and be empty)."""
     name, sep, xla_flags = text.partition("=")
@@ -389,6 +401,7 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     f = flags.FLAGS
+    check_models(f.models)
     settings = Settings(
         batch_size=f.batch_size,
         eval_batch_size=f.eval_batch_size,

@@ -411,6 +411,14 @@ def test_compile_time_script_measures_every_setting(tmp_path):
     }
 
 
+@pytest.mark.parametrize("module", ["throughput", "compile_time", "conv_parts"])
+def test_benchmark_scripts_refuse_an_unknown_model(module):
+    run = run_module(f"benchmarks.{module}", "--models=resnet20,nosuch", timeout=120)
+    assert run.returncode != 0
+    assert "nosuch" in run.stderr and "resnet56" in run.stderr  # names the valid presets
+    assert "Traceback" not in run.stderr
+
+
 def test_compile_time_script_refuses_an_unknown_commit():
     run = run_module("benchmarks.compile_time", "--before_commit=no-such-commit", timeout=120)
     assert run.returncode != 0
