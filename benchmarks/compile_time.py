@@ -35,7 +35,7 @@ from pathlib import Path
 from absl import app, flags
 
 from benchmarks.protocol import Worker, worktree
-from benchmarks.throughput import DEFAULT_MODELS, check_models
+from benchmarks.throughput import DEFAULT_MODELS, require_presets
 
 SETTINGS = ("before", "cold", "warm")
 KEYS = ("init_seconds", "compile_seconds", "first_step_seconds")
@@ -128,7 +128,7 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     f = flags.FLAGS
-    check_models(f.models)
+    require_presets(f.models)
     started = datetime.datetime.now(datetime.UTC)
     load_before = os.getloadavg()
     with worktree(f.before_commit) as before_tree:

@@ -40,7 +40,7 @@ from pathlib import Path
 from absl import app, flags
 
 from benchmarks import protocol
-from benchmarks.throughput import DEFAULT_MODELS, ROOT, check_models, cpu_model, steps_for
+from benchmarks.throughput import DEFAULT_MODELS, ROOT, cpu_model, require_presets, steps_for
 
 PASSES = ("fwd", "dx", "dw")
 XLA, YNNPACK, TORCH = "xla", "xla_ynnpack", "torch"
@@ -425,7 +425,7 @@ def main(argv: Sequence[str]) -> None:
         serve = serve_jax if f.serve == "jax" else serve_torch
         protocol.serve(lambda: serve(convs, f.batch_size))
         return
-    check_models(f.models)
+    require_presets(f.models)
     throughput = read_step_times(f.step_times, f.batch_size) if f.step_times else None
     started = datetime.datetime.now(datetime.UTC)
     load_before = os.getloadavg()

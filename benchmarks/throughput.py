@@ -114,14 +114,14 @@ def define_flags() -> None:
 # Contestants
 
 
-def check_models(names: Sequence[str]) -> None:
+def require_presets(names: Sequence[str], flag: str = "--models") -> None:
     """Raises a UsageError (one line, no traceback) unless every name is a model preset."""
     import models
 
     unknown = [name for name in names if name not in models.PRESETS]
     if unknown or not names:
         raise app.UsageError(
-            f"--models: unknown model preset(s) {', '.join(unknown) or '(none given)'}; "
+            f"{flag}: unknown model preset(s) {', '.join(unknown) or '(none given)'}; "
             f"valid presets: {', '.join(models.PRESETS)}"
         )
 
@@ -401,7 +401,7 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     f = flags.FLAGS
-    check_models(f.models)
+    require_presets(f.models)
     settings = Settings(
         batch_size=f.batch_size,
         eval_batch_size=f.eval_batch_size,
@@ -415,6 +415,8 @@ def main(argv: Sequence[str]) -> None:
     started = datetime.datetime.now(datetime.UTC)
     load_before = os.getloadavg()
     check = settings.reference == TORCH and f.check_models
+    if check:
+        require_presets(f.check_models, "--check_models")
     equivalence = run_equivalence(f.check_models) if check else []
     results, ready = [], {}
     with worktree(settings.before_commit) as before_tree:
