@@ -98,11 +98,7 @@ def abstract_train_state(config: ml_collections.ConfigDict, info, mesh):
     """Returns (graphdef, abstract state): create_train_state's structure, as ShapeDtypeStructs
     with its shardings, without compiling or computing anything (e.g. a restore target)."""
     init, structure = _init_program(config, info, mesh)
-    replicated = NamedSharding(mesh, P())
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-        jax.eval_shape(init),
-    )
+    abstract = jax.eval_shape(init)  # carries init's out_shardings: replicated over `mesh`
     return structure["graphdef"], abstract
 
 

@@ -282,3 +282,16 @@ def test_bfloat16_compute_trains_with_float32_parameters(tmp_path):
     )
     assert {x.dtype for x in train.jax.tree.leaves(state["params"])} == {np.dtype("float32")}
     assert results["steps"] == 6
+
+
+def test_abstract_train_state_describes_the_created_state():
+    # what a restore (train.py's resume, eval.py) reads a checkpoint into
+    config = tiny_config("resnet20", steps=1)
+    info, mesh = train.data.dataset_info(config.dataset), train.runtime.make_mesh()
+    graphdef, state = train.create_train_state(config, info, mesh)
+    abstract_graphdef, abstract = train.abstract_train_state(config, info, mesh)
+    assert abstract_graphdef == graphdef
+    leaves, abstract_leaves = train.jax.tree.leaves(state), train.jax.tree.leaves(abstract)
+    assert train.jax.tree.structure(state) == train.jax.tree.structure(abstract)
+    for array, spec in zip(leaves, abstract_leaves, strict=True):
+        assert (spec.shape, spec.dtype, spec.sharding) == (array.shape, array.dtype, array.sharding)
