@@ -67,7 +67,9 @@ class Conv:
         )
 
     def output_size(self, size: int) -> int:
-        return (size + 2 * self.padding - self.kernel_size) // self.stride + 1
+        from models.shapes import conv_output_size
+
+        return conv_output_size(size, self.kernel_size, self.stride, self.padding, layer=self.key)
 
     def flops(self, batch: int) -> int:
         """Multiply-adds x 2 of one pass (each of the three costs the same)."""
@@ -269,12 +271,13 @@ def measure(workers, convs: Sequence[Conv], windows: int, window_seconds: float)
     return out
 
 
-def model_totals(model: str, timings: dict) -> dict:
-    """Returns, per contestant, the seconds of one training step's convolutions of `model`."""
+def model_totals(convs: Sequence[tuple[Conv, bool]], timings: dict) -> dict:
+    """Returns, per contestant, the seconds of one training step's convolutions `convs` (a
+    model's, from `model_convs`)."""
     totals = {}
     for name, per_conv in timings.items():
         total = 0.0
-        for conv, needs_dx in model_convs(model):
+        for conv, needs_dx in convs:
             parts = PASSES if needs_dx else ("fwd", "dw")
             total += sum(per_conv[conv.key][p] for p in parts)
         totals[name] = total
@@ -429,14 +432,15 @@ def main(argv: Sequence[str]) -> None:
     throughput = read_step_times(f.step_times, f.batch_size) if f.step_times else None
     started = datetime.datetime.now(datetime.UTC)
     load_before = os.getloadavg()
+    convs_of = {model: model_convs(model) for model in f.models}
     counts: dict[str, dict[str, int]] = {}
     convs: list[Conv] = []
-    for model in f.models:
-        for conv, _ in model_convs(model):
+    for model, listed in convs_of.items():
+        for conv, _ in listed:
             if conv not in convs:
                 convs.append(conv)
-            per_model = counts.setdefault(conv.key, {})
-            per_model[model] = per_model.get(model, 0) + 1
+            uses_of_conv = counts.setdefault(conv.key, {})
+            uses_of_conv[model] = uses_of_conv.get(model, 0) + 1
     uses = {k: " ".join(f"{m}:{n}" for m, n in v.items()) for k, v in counts.items()}
     workers = start_workers(convs, f.batch_size, f.cores, f.reference)
     try:
@@ -445,7 +449,7 @@ def main(argv: Sequence[str]) -> None:
     finally:
         for worker in workers:
             worker.close()
-    totals = {model: model_totals(model, timings) for model in f.models}
+    totals = {model: model_totals(listed, timings) for model, listed in convs_of.items()}
     ceilings = step_ceilings(totals, throughput) if throughput else {}
     report = {
         "settings": {
