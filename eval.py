@@ -50,13 +50,14 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 import configs  # noqa: E402
 import data  # noqa: E402
 import models  # noqa: E402
-import train  # noqa: E402
 from configs import schema  # noqa: E402
 from errors import UserError  # noqa: E402
 from evaluation import figures as figures_lib  # noqa: E402
 from evaluation import internals  # noqa: E402
 from evaluation import metrics as eval_metrics  # noqa: E402
 from training import checkpoint as ckpt_lib  # noqa: E402
+from training import state as state_lib  # noqa: E402
+from training import steps as steps_lib  # noqa: E402
 
 SPLITS = ("test", "validation", "train")
 # Test images whose activation maps are drawn (the first ones of the split).
@@ -208,7 +209,7 @@ def restore_state(config, info, mesh, workdir: Path, checkpoint: str | int):
             f"{workdir} has no checkpoints yet; wait for train.py's first checkpoint "
             f"(every {config.training.checkpoint_every_steps} steps)."
         )
-    graphdef, abstract = train.abstract_train_state(config, info, mesh)
+    graphdef, abstract = state_lib.abstract_train_state(config, info, mesh)
     checkpoints = ckpt_lib.Checkpoints(
         workdir, keep=config.training.keep_checkpoints, read_only=True
     )
@@ -258,19 +259,19 @@ def _normalization(run: Run) -> dict[str, np.ndarray]:
 def apply_fn(run: Run) -> eval_metrics.ApplyFn:
     """Returns `predict` for `run`'s model as an `(state, images) -> logits` function."""
     return functools.partial(
-        train.predict, graphdef=run.graphdef, config=run.config, **_normalization(run)
+        state_lib.predict, graphdef=run.graphdef, config=run.config, **_normalization(run)
     )
 
 
 def timed_evaluation(run: Run, split: data.Split) -> dict[str, float]:
-    """Returns {'loss', 'accuracy', 'count', 'images_per_s'} of `split` by train.eval_step.
+    """Returns {'loss', 'accuracy', 'count', 'images_per_s'} of `split` by steps_lib.eval_step.
 
     images/s: one pass over the split after compilation, host-to-device transfers included,
     in batches of config.training.eval_batch_size on every device of the mesh.
     """
     eval_fn = jax.jit(
         functools.partial(
-            train.eval_step, graphdef=run.graphdef, config=run.config, **_normalization(run)
+            steps_lib.eval_step, graphdef=run.graphdef, config=run.config, **_normalization(run)
         )
     )
     first = next(
@@ -282,7 +283,7 @@ def timed_evaluation(run: Run, split: data.Split) -> dict[str, float]:
     )
     jax.block_until_ready(eval_fn(run.state, first))  # compile outside the timed pass
     start = time.perf_counter()
-    result = train.evaluate_split(eval_fn, run.state, split, run.config, run.mesh)
+    result = steps_lib.evaluate_split(eval_fn, run.state, split, run.config, run.mesh)
     seconds = time.perf_counter() - start
     return {**result, "images_per_s": result["count"] / seconds}
 
@@ -290,7 +291,7 @@ def timed_evaluation(run: Run, split: data.Split) -> dict[str, float]:
 def layer_internals(run: Run, split: data.Split, out_dir: Path) -> dict[str, Any]:
     """Draws the first layer's filters, the activation maps of each stage for the first
     ACTIVATION_IMAGES images, and the worked pooling window; returns what was drawn (JSON)."""
-    model = train.merge_model(run.graphdef, run.state)
+    model = state_lib.merge_model(run.graphdef, run.state)
     weights, description = internals.first_layer_filters(model, run.specs)
     figures_lib.filters(out_dir / "filters.png", weights, description)
     norm = _normalization(run)
@@ -299,7 +300,7 @@ def layer_internals(run: Run, split: data.Split, out_dir: Path) -> dict[str, Any
     @jax.jit
     def capture(state, images):
         x = data.normalize(images, norm["mean"], norm["std"], dtype)
-        return models.capture_activations(train.merge_model(run.graphdef, state), x)[1]
+        return models.capture_activations(state_lib.merge_model(run.graphdef, state), x)[1]
 
     images = split.images[:ACTIVATION_IMAGES]
     activations = jax.device_get(capture(run.state, images))
@@ -460,8 +461,7 @@ def format_report(result: dict) -> str:
 def define_flags() -> None:
     """Defines the command-line flags. Called only when eval.py runs as a program, so that
     importing eval as a library (the experiment runner, the tests) defines no flags."""
-    if "workdir" not in flags.FLAGS:  # train.py, imported above, defines the same flag
-        flags.DEFINE_string("workdir", None, "The workdir of a training run (train.py).")
+    flags.DEFINE_string("workdir", None, "The workdir of a training run (train.py).")
     flags.DEFINE_string("checkpoint", "latest", "latest | best | a step number.")
     flags.DEFINE_integer("max_shift", 8, "Largest shift k, in pixels, of the shift measures.")
     flags.DEFINE_enum("split", "test", list(SPLITS), "The split to evaluate.")

@@ -45,42 +45,39 @@ def benchmark_config(model: str, batch_size: int, eval_batch_size: int):
 
 def setup() -> tuple[dict, dict]:
     """Builds, compiles and warms up the steps; returns (ready report, command handlers)."""
-    if not flags.FLAGS.project_flags:  # the before/after comparison of XLA flags
-        runtime.DEFAULT_XLA_FLAGS = {}
-    # As train.py does, before JAX starts. The coordinator turns the compilation cache off
+    # As train.py does, before JAX starts; without the project's flags for the before/after
+    # comparison of XLA flags. The coordinator turns the compilation cache off
     # ($JAX_ENABLE_COMPILATION_CACHE=false) unless it measures the cache itself.
-    runtime.configure_jax()
+    runtime.configure_jax(project_flags=flags.FLAGS.project_flags)
     start = time.perf_counter()
     import jax
     import jax.numpy as jnp
     from flax import nnx
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
     import data
     import models
-    import train
     from models import summary
+    from training import state as state_lib
+    from training.setup import setup
 
     config = benchmark_config(
         flags.FLAGS.model, flags.FLAGS.batch_size, flags.FLAGS.eval_batch_size
     )
     import_seconds = time.perf_counter() - start
-    mesh = runtime.make_mesh()
-    sharding = NamedSharding(mesh, P("data"))
-    splits = data.load(config.dataset, seed=config.seed)
-    specs = models.architecture(config.model, splits.info.image_shape, splits.info.num_classes)
-
-    if flags.FLAGS.init_optimized:  # the before/after comparison of the init program's build
-        train.INIT_COMPILER_OPTIONS = {}
+    # the before/after comparison of the init program's build: LLVM's optimisations on
+    init_options = {} if flags.FLAGS.init_optimized else state_lib.INIT_COMPILER_OPTIONS
     start = time.perf_counter()
-    graphdef, state = train.create_train_state(config, splits.info, mesh)
-    jax.block_until_ready(state)
-    init_seconds = time.perf_counter() - start
-    train_fn, eval_fn, compile_seconds = train.compile_steps(config, graphdef, state, splits, mesh)
-    batches = data.train_batches(
-        splits.train, global_batch_size=config.training.batch_size, seed=0, sharding=sharding
+    s = setup(config, init_compiler_options=init_options)
+    init_seconds, compile_seconds = s.init_seconds, s.compile_seconds
+    start += s.data_seconds  # time to the first step counts from the state's creation, as before
+    splits, specs, sharding, train_fn, eval_fn = (
+        s.splits,
+        s.specs,
+        s.batch_sharding,
+        s.train_step,
+        s.eval_step,
     )
+    state, batches = s.state, s.train_batches(start_step=0)
     batch = next(batches)
     box = {"state": train_fn(state, batch)[0]}
     jax.block_until_ready(box["state"])
@@ -170,7 +167,7 @@ def define_flags() -> None:
         "init_optimized",
         False,
         "Compile the initialisation program with LLVM's optimisations (before the change to "
-        "train.INIT_COMPILER_OPTIONS).",
+        "training.state.INIT_COMPILER_OPTIONS).",
     )
 
 

@@ -32,7 +32,7 @@ def run_missing(experiment: Experiment, output: Path) -> list[Path]:
     (train.py does that), so rerunning after a crash loses at most one checkpoint interval.
     """
     import eval as eval_lib  # deferred: importing JAX is slow
-    import train
+    from training import loop
 
     touched = []
     for run in experiment.runs:
@@ -40,7 +40,7 @@ def run_missing(experiment: Experiment, output: Path) -> list[Path]:
             workdir = run_dir(output, run, seed)
             if not (workdir / TRAINED).exists():
                 logging.info("training %s seed %d in %s", run.name, seed, workdir)
-                train.train_and_evaluate(build_config(run, seed), workdir)
+                loop.train_and_evaluate(build_config(run, seed), workdir)
                 touched.append(workdir)
             if not (workdir / EVALUATED).exists():
                 eval_lib.evaluate_workdir(workdir, max_shift=experiment.max_shift)

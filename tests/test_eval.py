@@ -40,7 +40,7 @@ def _rngs(seed: int = 0) -> nnx.Rngs:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """A tiny pooled (max) ConvNet trained for 12 steps: checkpoints at steps 6 and 12."""
-    import train
+    from training import loop
 
     config = tiny_config()
     # Adam at 5e-3 spreads the predictions over the classes within 12 steps (the class-score
@@ -48,7 +48,7 @@ def workdir(tmp_path_factory) -> Path:
     config.optimizer.name = "adam"
     config.optimizer.learning_rate = 5e-3
     path = tmp_path_factory.mktemp("run")
-    train.train_and_evaluate(config, path)
+    loop.train_and_evaluate(config, path)
     return path
 
 

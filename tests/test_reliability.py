@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-import train
+from errors import UserError
 from training import checkpoint as ckpt_lib
+from training import loop
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = [
@@ -114,14 +115,14 @@ def test_corrupt_dataset_file(tmp_path):
 def test_checkpoint_of_another_model_is_refused(tmp_path):
     from tests.test_train import tiny_config
 
-    train.train_and_evaluate(tiny_config("plain", steps=6), tmp_path)
+    loop.train_and_evaluate(tiny_config("plain", steps=6), tmp_path)
     # Someone edits config.json so that it no longer matches the checkpoint's arrays.
     config = tiny_config("plain", steps=6)
     config.model.widths = (8, 8, 8)
     (tmp_path / "config.json").write_text(config.to_json(indent=2))
     (tmp_path / "results.json").unlink()
-    with pytest.raises(train.UserError, match="cannot read the checkpoint"):
-        train.train_and_evaluate(config, tmp_path)
+    with pytest.raises(UserError, match="cannot read the checkpoint"):
+        loop.train_and_evaluate(config, tmp_path)
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -136,12 +137,12 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
 
     monkeypatch.setattr(ckpt_lib.ocp.CheckpointManager, "save", save)
     with pytest.raises(
-        train.UserError, match=r"disk full .* step 12.*previous checkpoint \(step 6\) is intact"
+        UserError, match=r"disk full .* step 12.*previous checkpoint \(step 6\) is intact"
     ):
-        train.train_and_evaluate(tiny_config(steps=12), tmp_path)
+        loop.train_and_evaluate(tiny_config(steps=12), tmp_path)
     monkeypatch.setattr(ckpt_lib.ocp.CheckpointManager, "save", real_save)
     assert ckpt_lib.Checkpoints(tmp_path, keep=2).latest_step() == 6
-    results = train.train_and_evaluate(tiny_config(steps=12), tmp_path)  # space freed: resume
+    results = loop.train_and_evaluate(tiny_config(steps=12), tmp_path)  # space freed: resume
     assert results["steps"] == 12
 
 

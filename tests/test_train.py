@@ -9,12 +9,16 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
-import train
+import data
 from configs import builtin, fashion_mnist
 from errors import UserError
+from training import checkpoint as ckpt_lib
+from training import loop, runtime
+from training import state as state_lib
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "train_worker.py"
@@ -44,7 +48,7 @@ def read_metrics(workdir: Path) -> list[dict]:
 
 
 def test_run_writes_every_output(tmp_path):
-    results = train.train_and_evaluate(tiny_config(), tmp_path)
+    results = loop.train_and_evaluate(tiny_config(), tmp_path)
     for name in ("config.json", "summary.txt", "summary.json", "environment.json", "results.json"):
         assert (tmp_path / name).is_file(), name
     assert any((tmp_path / "tensorboard").iterdir())
@@ -76,8 +80,8 @@ def test_run_writes_every_output(tmp_path):
 
 
 def test_same_seed_same_metrics(tmp_path):
-    a = train.train_and_evaluate(tiny_config(steps=6), tmp_path / "a")
-    b = train.train_and_evaluate(tiny_config(steps=6), tmp_path / "b")
+    a = loop.train_and_evaluate(tiny_config(steps=6), tmp_path / "a")
+    b = loop.train_and_evaluate(tiny_config(steps=6), tmp_path / "b")
     strip = lambda rs: [
         {k: v for k, v in r.items() if k not in ("wall_time", "images_per_s")} for r in rs
     ]
@@ -86,16 +90,16 @@ def test_same_seed_same_metrics(tmp_path):
 
 
 def test_refuses_workdir_of_another_config(tmp_path):
-    train.train_and_evaluate(tiny_config(steps=6), tmp_path)
+    loop.train_and_evaluate(tiny_config(steps=6), tmp_path)
     other = tiny_config(steps=6)
     other.optimizer.learning_rate = 0.5
     with pytest.raises(UserError, match=r"optimizer.learning_rate: 0.001 -> 0.5"):
-        train.train_and_evaluate(other, tmp_path)
+        loop.train_and_evaluate(other, tmp_path)
 
 
 def test_sigterm_saves_and_rerun_finishes_like_an_uninterrupted_run(tmp_path, monkeypatch):
-    full = train.train_and_evaluate(tiny_config(steps=12), tmp_path / "full")
-    real_batches = train.data.train_batches
+    full = loop.train_and_evaluate(tiny_config(steps=12), tmp_path / "full")
+    real_batches = data.train_batches
 
     def preempted_after_7(*args, **kwargs):
         for i, batch in enumerate(real_batches(*args, **kwargs)):
@@ -103,13 +107,13 @@ def test_sigterm_saves_and_rerun_finishes_like_an_uninterrupted_run(tmp_path, mo
                 signal.raise_signal(signal.SIGTERM)
             yield batch
 
-    monkeypatch.setattr(train.data, "train_batches", preempted_after_7)
+    monkeypatch.setattr(data, "train_batches", preempted_after_7)
     part = tmp_path / "part"
-    with pytest.raises(train.Preempted, match="step 7"):
-        train.train_and_evaluate(tiny_config(steps=12), part)
-    assert train.ckpt_lib.Checkpoints(part, keep=2).latest_step() == 7
-    monkeypatch.setattr(train.data, "train_batches", real_batches)
-    resumed = train.train_and_evaluate(tiny_config(steps=12), part)
+    with pytest.raises(loop.Preempted, match="step 7"):
+        loop.train_and_evaluate(tiny_config(steps=12), part)
+    assert ckpt_lib.Checkpoints(part, keep=2).latest_step() == 7
+    monkeypatch.setattr(data, "train_batches", real_batches)
+    resumed = loop.train_and_evaluate(tiny_config(steps=12), part)
     assert resumed["final"] == full["final"]
     assert resumed["best"] == full["best"]
     strip = lambda rs: [
@@ -124,8 +128,8 @@ def test_nonfinite_loss_stops_with_step_and_checkpoint(tmp_path):
     config = tiny_config(steps=12)
     config.optimizer.learning_rate = 1e30
     config.schedule.warmup_steps = 0
-    with pytest.raises(train.Diverged, match=r"at step \d+.*last good checkpoint is step \d+"):
-        train.train_and_evaluate(config, tmp_path)
+    with pytest.raises(loop.Diverged, match=r"at step \d+.*last good checkpoint is step \d+"):
+        loop.train_and_evaluate(config, tmp_path)
 
 
 def test_nonfinite_loss_can_skip_updates(tmp_path):
@@ -133,7 +137,7 @@ def test_nonfinite_loss_can_skip_updates(tmp_path):
     config.optimizer.learning_rate = 1e30
     config.schedule.warmup_steps = 0
     config.training.on_nonfinite_loss = "skip"
-    results = train.train_and_evaluate(config, tmp_path)
+    results = loop.train_and_evaluate(config, tmp_path)
     assert results["skipped_updates"] > 0
 
 
@@ -160,7 +164,7 @@ def test_every_family_learns(tmp_path, preset):
         # machinery with BatchNorm and no dropout.
         config.model.dropout = config.model.input_dropout = 0.0
         config.model.norm = "batch"
-    train.train_and_evaluate(config, tmp_path)
+    loop.train_and_evaluate(config, tmp_path)
     records = [r for r in read_metrics(tmp_path) if r["split"] == "train"]
     assert records[-1]["loss"] < 0.7 * records[0]["loss"]
     assert records[-1]["accuracy"] > records[0]["accuracy"] + 0.2
@@ -267,7 +271,7 @@ def test_real_fashion_mnist_reaches_85_percent(tmp_path):
     config.training.eval_every_steps = 300
     config.training.checkpoint_every_steps = 300
     config.training.progress = "none"
-    results = train.train_and_evaluate(config, tmp_path)
+    results = loop.train_and_evaluate(config, tmp_path)
     assert results["final"]["test"]["count"] == 10_000
     assert results["test_accuracy"] >= 0.85, results
 
@@ -275,23 +279,23 @@ def test_real_fashion_mnist_reaches_85_percent(tmp_path):
 def test_bfloat16_compute_trains_with_float32_parameters(tmp_path):
     config = tiny_config("resnet20", steps=6)
     config.model.dtype = "bfloat16"
-    results = train.train_and_evaluate(config, tmp_path)
+    results = loop.train_and_evaluate(config, tmp_path)
     assert all(np.isfinite(r["loss"]) for r in read_metrics(tmp_path) if "loss" in r)
-    graphdef, state = train.create_train_state(
-        config, train.data.dataset_info(config.dataset), train.runtime.make_mesh()
+    graphdef, state = state_lib.create_train_state(
+        config, data.dataset_info(config.dataset), runtime.make_mesh()
     )
-    assert {x.dtype for x in train.jax.tree.leaves(state["params"])} == {np.dtype("float32")}
+    assert {x.dtype for x in jax.tree.leaves(state["params"])} == {np.dtype("float32")}
     assert results["steps"] == 6
 
 
 def test_abstract_train_state_describes_the_created_state():
     # what a restore (train.py's resume, eval.py) reads a checkpoint into
     config = tiny_config("resnet20", steps=1)
-    info, mesh = train.data.dataset_info(config.dataset), train.runtime.make_mesh()
-    graphdef, state = train.create_train_state(config, info, mesh)
-    abstract_graphdef, abstract = train.abstract_train_state(config, info, mesh)
+    info, mesh = data.dataset_info(config.dataset), runtime.make_mesh()
+    graphdef, state = state_lib.create_train_state(config, info, mesh)
+    abstract_graphdef, abstract = state_lib.abstract_train_state(config, info, mesh)
     assert abstract_graphdef == graphdef
-    leaves, abstract_leaves = train.jax.tree.leaves(state), train.jax.tree.leaves(abstract)
-    assert train.jax.tree.structure(state) == train.jax.tree.structure(abstract)
+    leaves, abstract_leaves = jax.tree.leaves(state), jax.tree.leaves(abstract)
+    assert jax.tree.structure(state) == jax.tree.structure(abstract)
     for array, spec in zip(leaves, abstract_leaves, strict=True):
         assert (spec.shape, spec.dtype, spec.sharding) == (array.shape, array.dtype, array.sharding)

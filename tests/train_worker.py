@@ -17,12 +17,9 @@ runtime.configure_jax()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
 
-import data  # noqa: E402
-import train  # noqa: E402
 from configs import builtin  # noqa: E402
+from training.setup import setup  # noqa: E402
 
 
 def small_config(preset: str):
@@ -43,27 +40,11 @@ def main(out: str, preset: str, steps: int, *cluster: str) -> None:
         config.distributed.coordinator_address = f"127.0.0.1:{port}"
         config.distributed.num_processes = num_processes
         config.distributed.process_id = process_id
-    runtime.maybe_initialize_distributed(config.distributed)
-    info, _ = train.schema.validate(config)
-    mesh = runtime.make_mesh()
-    splits = data.load(
-        config.dataset,
-        seed=config.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    graphdef, state = train.create_train_state(config, info, mesh)
-    train_fn, _, _ = train.compile_steps(config, graphdef, state, splits, mesh)
-    batches = data.train_batches(
-        splits.train,
-        global_batch_size=config.training.batch_size,
-        seed=config.seed,
-        start_step=0,
-        sharding=NamedSharding(mesh, P("data")),
-    )
+    s = setup(config, steps=("train",))
+    state, batches = s.state, s.train_batches()
     losses = []
     for _ in range(steps):
-        state, metrics = train_fn(state, next(batches))
+        state, metrics = s.train_step(state, next(batches))
         losses.append(metrics["loss"])
     leaves = jax.tree.leaves({"params": state["params"], "batch_stats": state["batch_stats"]})
     arrays = {f"leaf{i}": np.asarray(x.addressable_data(0)) for i, x in enumerate(leaves)}

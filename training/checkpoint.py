@@ -8,7 +8,6 @@ the previous checkpoint intact and the partial one ignored.
 import errno
 from pathlib import Path
 
-import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -121,11 +120,3 @@ class Checkpoints:
         self.wait()
         self.latest.close()
         self.best.close()
-
-
-def abstract_like(state):
-    """Returns a pytree of jax.ShapeDtypeStruct (with shardings) describing `state`."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-        state,
-    )

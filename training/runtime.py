@@ -9,21 +9,23 @@ from absl import logging
 # XLA flags the project sets by default, per platform, measured in benchmarks/README.md.
 # On CPU, XLA hands convolutions to YNNPACK, which is slow for these networks' backward passes;
 # restricting YNNPACK to reductions makes this project's training steps 1.2-2x faster (2-4x
-# for plain JAX layers, ../shared/STACK.md).
+# for plain JAX layers).
 DEFAULT_XLA_FLAGS = {
     "cpu": ("--xla_cpu_experimental_ynn_fusion_type=reduce",),
 }
 
 
-def configure_xla_flags(platform: str = "cpu") -> str:
+def configure_xla_flags(platform: str = "cpu", *, project_flags: bool = True) -> str:
     """Adds the project's default XLA flags for `platform` to $XLA_FLAGS; returns the result.
 
     Must run before JAX starts its backend (i.e. before the first computation). A flag the user
-    already set in $XLA_FLAGS is left as the user set it.
+    already set in $XLA_FLAGS is left as the user set it. `project_flags=False` adds nothing
+    (a benchmark's before/after comparison of the flags).
     """
     current = os.environ.get("XLA_FLAGS", "")
     user_names = {f.split("=", 1)[0] for f in current.split()}
-    added = [f for f in DEFAULT_XLA_FLAGS.get(platform, ()) if f.split("=", 1)[0] not in user_names]
+    defaults = DEFAULT_XLA_FLAGS.get(platform, ()) if project_flags else ()
+    added = [f for f in defaults if f.split("=", 1)[0] not in user_names]
     if added:
         os.environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
     return os.environ.get("XLA_FLAGS", "")
@@ -64,10 +66,11 @@ def configure_compilation_cache() -> str | None:
     return os.environ["JAX_COMPILATION_CACHE_DIR"] or None
 
 
-def configure_jax(platform: str = "cpu") -> None:
+def configure_jax(platform: str = "cpu", *, project_flags: bool = True) -> None:
     """The process set-up that must come before JAX starts: the project's XLA flags for
-    `platform` and the persistent compilation cache. The user's environment comes first."""
-    configure_xla_flags(platform)
+    `platform` (unless not `project_flags`) and the persistent compilation cache. The user's
+    environment comes first."""
+    configure_xla_flags(platform, project_flags=project_flags)
     configure_compilation_cache()
 
 

@@ -1,0 +1,245 @@
+"""The training loop: steps, logs, evaluations and checkpoints until `training.num_steps`.
+
+    results = train_and_evaluate(config, workdir)   # resumes from the workdir's checkpoint
+
+The loop's bookkeeping is one small record (`LoopRecord`), saved with every checkpoint, so a
+resumed run ends with the same totals as an uninterrupted one; `itstime` says when to log,
+evaluate and checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from errors import UserError
+from models import summary as model_summary
+from training import metrics as metrics_lib
+from training import optim
+from training.setup import Setup, setup
+from training.state import abstract_like
+
+
+class Diverged(UserError):
+    """The loss became NaN or Inf and the config says to stop."""
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; the checkpoint of `step` is saved."""
+
+    def __init__(self, step: int):
+        super().__init__(
+            f"stopped by SIGTERM after saving the checkpoint of step {step}; "
+            "rerun the same command to resume"
+        )
+        self.step = step
+
+
+def itstime(step: int, every: int, total: int) -> bool:
+    """True every `every` steps, and at the last step (as big_vision's `u.itstime`)."""
+    return step == total or (every > 0 and step % every == 0)
+
+
+@dataclasses.dataclass
+class LoopRecord:
+    """The loop's bookkeeping, also each checkpoint's metadata: the images/s of each logged
+    interval, the best evaluation so far, the updates skipped for a non-finite loss, and the
+    seconds spent training (evaluations and compilation excluded)."""
+
+    rates: list[float] = dataclasses.field(default_factory=list)
+    best: dict = dataclasses.field(default_factory=lambda: {"accuracy": -1.0, "step": None})
+    skipped_updates: int = 0
+    train_seconds: float = 0.0
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> LoopRecord:
+        """The record saved in a checkpoint's metadata ({} for a fresh run)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in meta.items() if k in names})
+
+    def to_meta(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class Preemption:
+    """Turns SIGTERM into a flag the loop checks, so it can save a checkpoint and exit."""
+
+    def __init__(self):
+        self.requested = False
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class TrainLog:
+    """Collects the step metrics between logs (read with one host sync at `flush`), and turns
+    them into metrics.jsonl's train records; stops on a non-finite loss if the config says so."""
+
+    def __init__(self, s: Setup, record: LoopRecord):
+        self.s, self.record = s, record
+        self.schedule = optim.make_schedule(s.config)
+        self.pending: list[tuple[int, dict]] = []
+        self.pause(s.step)
+
+    def pause(self, step: int) -> None:
+        """Starts a new timing interval at `step` (what happened before is not training)."""
+        self.tick, self.tick_step = time.perf_counter(), step
+
+    def add(self, step: int, metrics: dict) -> None:
+        self.pending.append((step, metrics))
+
+    def flush(self, step: int, last_saved: int) -> dict:
+        """Returns the train record of the steps since the last flush."""
+        t = self.s.config.training
+        values = jax.device_get([m for _, m in self.pending])
+        steps = [s for s, _ in self.pending]
+        self.pending = []
+        for s, v in zip(steps, values, strict=True):
+            if v["nonfinite"]:
+                if t.on_nonfinite_loss == "stop":
+                    raise Diverged(
+                        f"the loss became {v['loss']} at step {s}; training stopped. The last "
+                        f"good checkpoint is step {last_saved} in "
+                        f"{self.s.workdir / 'checkpoints'}. Lower optimizer.learning_rate, add "
+                        "schedule.warmup_steps or optimizer.grad_clip_norm, or set "
+                        "training.on_nonfinite_loss=skip."
+                    )
+                self.record.skipped_updates += 1
+        now = time.perf_counter()
+        self.record.train_seconds += now - self.tick
+        rate = (step - self.tick_step) * t.batch_size / max(now - self.tick, 1e-9)
+        self.pause(step)
+        self.record.rates.append(rate)
+        good = [v for v in values if not v["nonfinite"]] or values
+        return {
+            "step": step,
+            "epoch": step * t.batch_size / len(self.s.splits.train.labels),
+            "split": "train",
+            "loss": float(np.mean([v["loss"] for v in good])),
+            "accuracy": float(np.sum([v["correct"] for v in good])) / (len(good) * t.batch_size),
+            "learning_rate": float(self.schedule(step - 1)),
+            "images_per_s": rate,
+            "wall_time": time.time(),
+            "skipped_updates": self.record.skipped_updates,
+        }
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Trains and evaluates the configured model; returns the results also written to
+    results.json. Resumes from the latest checkpoint in `workdir` when there is one."""
+    s = setup(config, workdir=workdir)
+    if s.step:
+        logging.info("resuming from the checkpoint of step %d", s.step)
+    logging.info("compiled the train and eval steps in %.1f s", s.compile_seconds)
+    t, chief = config.training, jax.process_index() == 0
+    writer = metrics_lib.MetricsWriter(s.workdir, enabled=chief)
+    writer.truncate_after(s.step)
+    progress = metrics_lib.Progress(t.num_steps, s.step, mode=t.progress, enabled=chief)
+    record = LoopRecord.from_meta(s.meta)
+    log, batches, preemption = TrainLog(s, record), s.train_batches(), Preemption()
+    state, step, last_saved, final_eval = s.state, s.step, s.step, None
+    try:
+        while step < t.num_steps:
+            state, step_metrics = s.train_step(state, next(batches))
+            step += 1
+            log.add(step, step_metrics)
+            checkpoint_due = itstime(step, t.checkpoint_every_steps, t.num_steps)
+            stopping = preemption.requested  # read once: a signal mid-step counts from the next
+            if itstime(step, t.log_every_steps, t.num_steps) or checkpoint_due or stopping:
+                train_record = log.flush(step, last_saved)
+                writer.write(train_record)
+                progress.update(step, loss=train_record["loss"], accuracy=train_record["accuracy"])
+            is_best = False
+            if itstime(step, t.eval_every_steps, t.num_steps):
+                final_eval = s.evaluate(state, s.eval_split())
+                writer.write(
+                    {
+                        "step": step,
+                        "split": config.dataset.eval_split,
+                        **final_eval,
+                        "wall_time": time.time(),
+                    }
+                )
+                is_best = final_eval["accuracy"] > record.best["accuracy"]
+                if is_best:
+                    record.best = {k: final_eval[k] for k in ("accuracy", "loss")} | {"step": step}
+                log.pause(step)  # evaluation time is not training time
+            if checkpoint_due or stopping or is_best:
+                s.checkpoints.save(step, state, record.to_meta(), best=is_best)
+                last_saved = step
+            if stopping and step < t.num_steps:
+                raise Preempted(step)
+    except BaseException:
+        _close_after_error(s, writer, progress)
+        raise
+    finally:
+        preemption.restore()
+    progress.close()
+    return finish(s, state, step, record, final_eval, writer)
+
+
+def _close_after_error(s: Setup, writer, progress) -> None:
+    """Whatever stops the loop, checkpoints already started must reach the disk."""
+    try:
+        s.checkpoints.close()
+    except Exception as e:  # the original error matters more
+        logging.error("while closing checkpoints: %s", e)
+    writer.close()
+    progress.close()
+
+
+def finish(s: Setup, state, step: int, record: LoopRecord, final_eval, writer) -> dict:
+    """Evaluates the final and the best state on the test split; returns the results and
+    writes them to results.json (and the final test record to metrics.jsonl)."""
+    config = s.config
+    s.checkpoints.wait()
+    if final_eval is None:  # killed after the last checkpoint, before results.json
+        final_eval = s.evaluate(state, s.eval_split())
+    final_test = s.evaluate(state, s.splits.test)
+    _, best_state, _ = s.checkpoints.restore(abstract_like(state), "best")
+    best_test = s.evaluate(best_state, s.splits.test)
+    s.checkpoints.close()
+    summary = model_summary.to_json(s.specs)
+    split = config.dataset.eval_split
+    results = {
+        "model": config.model.name,
+        "dataset": config.dataset.name,
+        "seed": config.seed,
+        "steps": step,
+        "eval_split": split,
+        "final": {split: final_eval, "test": final_test},
+        "best": {
+            "step": record.best["step"],
+            split: {k: record.best[k] for k in ("accuracy", "loss")},
+            "test": best_test,
+        },
+        "test_accuracy": final_test["accuracy"],
+        "params": summary["total_params"],
+        "flops_per_image": summary["total_flops"],
+        "train_seconds": record.train_seconds,
+        "images_per_s": statistics.median(record.rates) if record.rates else None,
+        "compile_seconds": s.compile_seconds,
+        "skipped_updates": record.skipped_updates,
+    }
+    writer.write({"step": step, "split": "test", **final_test, "wall_time": time.time()})
+    writer.close()
+    if jax.process_index() == 0:
+        (s.workdir / "results.json").write_text(json.dumps(results, indent=2))
+    return results
