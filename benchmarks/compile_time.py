@@ -15,8 +15,8 @@ one after another:
 - `warm`: the project as it is, with the cache the `cold` process left (any later run of the
   same program: another seed, a resume, the next run of an experiment).
 
-It reports the medians over rounds of: state creation (`train.create_train_state`), the
-ahead-of-time compile of the train and eval steps (`train.compile_steps`, the issue's
+It reports the medians over rounds of: state creation (`training.state.create_train_state`), the
+ahead-of-time compile of the train and eval steps (`training.steps.compile_steps`, the issue's
 "compile time"), and the time to the end of the first step. Results go to --output (JSON)
 and a table on stdout; benchmarks/README.md records a run.
 """

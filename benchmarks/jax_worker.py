@@ -2,11 +2,12 @@
 
     python -m benchmarks.jax_worker --model=resnet20 [--batch_size=128] [--eval_batch_size=500]
 
-It builds the state and compiles the steps exactly as train.py does (`train.create_train_state`,
-`train.compile_steps`: ahead-of-time, state donated), then answers the coordinator's commands
-(benchmarks/protocol.py): `train` (steps on a batch already on the device), `pipeline` (steps
-fed by the real input pipeline, `data.train_batches`), `eval` (eval steps on one batch),
-`matmul` (a large float32 matmul, for the machine's peak). Each returns the window's seconds.
+It builds the state and compiles the steps exactly as train.py does (`training.setup.setup`:
+the state's init program, then the steps compiled ahead of time, state donated), then answers
+the coordinator's commands (benchmarks/protocol.py): `train` (steps on a batch already on the
+device), `pipeline` (steps fed by the real input pipeline, `data.train_batches`), `eval` (eval
+steps on one batch), `matmul` (a large float32 matmul, for the machine's peak). Each returns
+the window's seconds.
 XLA flags: the project's (`training.runtime.configure_jax`, as train.py sets them) on
 top of $XLA_FLAGS, or with `--noproject_flags` only $XLA_FLAGS (JAX's defaults when unset).
 """

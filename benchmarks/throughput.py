@@ -7,8 +7,8 @@
     python -m benchmarks.throughput --before_commit=HEAD~1 --reference=none   # a change
 
 For each model it starts one worker process per contestant (benchmarks/protocol.py): our JAX
-step (benchmarks/jax_worker.py: train.create_train_state + train.compile_steps, as train.py
-runs them), the PyTorch reference built from the same LayerSpecs (benchmarks/torch_worker.py),
+step (benchmarks/jax_worker.py: training.setup.setup, as train.py
+runs it), the PyTorch reference built from the same LayerSpecs (benchmarks/torch_worker.py),
 JAX under each `--xla_variant` (XLA reads its flags once per process), and with
 `--before_commit` that commit's own JAX worker (a temporary git worktree). Workers start one
 after another, so each compile time is measured alone; then the coordinator asks them in turn

@@ -55,8 +55,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.schedule = ml_collections.ConfigDict()
     c.schedule.name = "cosine"  # constant | cosine | step
     c.schedule.warmup_steps = 0  # linear warm-up from 0 to the peak
-    # step: multiply by `decay_factor` at each boundary (steps; fractions of training if < 1)
-    c.schedule.boundaries = (0.5, 0.75)
+    # step: multiply by `decay_factor` at each of these points, given as fractions of
+    # training.num_steps in (0, 1) (0.5: half-way), so they move with the length of training
+    c.schedule.decay_fractions = (0.5, 0.75)
     c.schedule.decay_factor = 0.1
 
     # --- training (train.py) ------------------------------------------------------------------

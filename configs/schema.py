@@ -66,11 +66,11 @@ def validate(config: ml_collections.ConfigDict):
         f"must be in [0, training.num_steps={t.num_steps})",
     )
     _require(0 < s.decay_factor <= 1, "schedule.decay_factor", "must be in (0, 1]")
-    bounds = list(s.boundaries)
+    fractions = list(s.decay_fractions)
     _require(
-        all(b > 0 for b in bounds) and bounds == sorted(bounds),
-        "schedule.boundaries",
-        f"{tuple(bounds)} must be positive and increasing (steps, or fractions of training < 1)",
+        all(0 < f < 1 for f in fractions) and fractions == sorted(fractions),
+        "schedule.decay_fractions",
+        f"{tuple(fractions)} must be increasing fractions of training.num_steps in (0, 1)",
     )
 
     for field in ("batch_size", "num_steps", "eval_every_steps", "eval_batch_size"):

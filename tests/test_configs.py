@@ -42,7 +42,7 @@ def test_config_files_change_only_what_differs():
         ("optimizer.name", "rmsprop", "config.optimizer.name: 'rmsprop' is not one of"),
         ("optimizer.learning_rate", -0.1, "config.optimizer.learning_rate"),
         ("schedule.name", "exp", "config.schedule.name"),
-        ("schedule.boundaries", (0.75, 0.5), "config.schedule.boundaries"),
+        ("schedule.decay_fractions", (0.75, 0.5), "config.schedule.decay_fractions"),
         ("schedule.warmup_steps", 10**9, "config.schedule.warmup_steps"),
         ("training.batch_size", 0, "config.training.batch_size"),
         ("training.on_nonfinite_loss", "ignore", "config.training.on_nonfinite_loss"),
@@ -59,7 +59,7 @@ def test_invalid_values_name_the_field(field, value, message):
 
 
 def test_config_differences_lists_fields():
-    from train import config_differences
+    from training.workdir import config_differences
 
     old = base.get_config().to_dict()
     new = base.get_config().to_dict()
@@ -105,3 +105,31 @@ def test_cli_errors_are_one_clear_line(tmp_path, args, expected):
     assert out.returncode != 0
     assert expected in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_cifar10_recipe_table_covers_every_preset_and_names_its_source():
+    assert set(cifar10.RECIPE_OF) == set(models.PRESETS)
+    assert set(cifar10.RECIPE_OF.values()) == set(cifar10.RECIPES)
+    assert all(recipe.source for recipe in cifar10.RECIPES.values())
+    assert cifar10.get_config("wide_resnet").optimizer.name == "sgd"  # not the AdamW default
+
+
+@pytest.mark.parametrize(
+    ("preset", "decay_steps"),
+    [
+        ("resnet20", (32_000, 48_000)),  # He et al.: 32k and 48k iterations
+        # Springenberg et al.: after epochs 200, 250, 300 of 45k images in batches of 128
+        ("allcnn_c", tuple(int(e * 45_000 // 128) for e in (200, 250, 300))),
+    ],
+)
+def test_step_schedules_decay_where_the_papers_do(preset, decay_steps):
+    from training import optim
+
+    config = cifar10.get_config(preset)
+    schedule = optim.make_schedule(config)
+    peak = config.optimizer.learning_rate
+    for i, step in enumerate(decay_steps):
+        before, after = float(schedule(step - 1)), float(schedule(step))
+        assert before == pytest.approx(peak * 0.1**i) and after == pytest.approx(
+            peak * 0.1 ** (i + 1)
+        )

@@ -18,6 +18,7 @@ from configs import builtin, fashion_mnist
 from errors import UserError
 from training import checkpoint as ckpt_lib
 from training import loop, runtime
+from training import setup as setup_lib
 from training import state as state_lib
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,6 +78,23 @@ def test_run_writes_every_output(tmp_path):
     assert all(r["count"] == 128 for r in records if r["split"] == "validation")
     env = json.loads((tmp_path / "environment.json").read_text())
     assert env["versions"]["jax"] and env["device_count"] >= 1 and "git_commit" in env
+
+
+def test_itstime_every_n_steps_and_at_the_last():
+    assert [s for s in range(1, 11) if loop.itstime(s, 4, 10)] == [4, 8, 10]
+    assert [s for s in range(1, 11) if loop.itstime(s, 0, 10)] == [10]  # never, but the last
+
+
+def test_checkpoint_metadata_is_the_loop_record(tmp_path):
+    results = loop.train_and_evaluate(tiny_config(steps=12), tmp_path)
+    s = setup_lib.setup(tiny_config(steps=12), workdir=tmp_path, steps=())
+    s.checkpoints.close()
+    record = loop.LoopRecord.from_meta(s.meta)
+    assert s.step == 12 and record.to_meta() == s.meta
+    assert record.best["step"] == results["best"]["step"]
+    assert record.best["accuracy"] == results["best"]["validation"]["accuracy"]
+    assert record.train_seconds == results["train_seconds"]
+    assert len(record.rates) == len([r for r in read_metrics(tmp_path) if r["split"] == "train"])
 
 
 def test_same_seed_same_metrics(tmp_path):

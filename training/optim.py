@@ -8,7 +8,7 @@ import optax
 def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     """Returns the learning-rate schedule: linear warm-up, then constant, cosine or step decay.
 
-    Step boundaries below 1 are fractions of `training.num_steps`; the others are steps.
+    The step schedule's decay points are `schedule.decay_fractions` of `training.num_steps`.
     """
     s, peak, total = config.schedule, config.optimizer.learning_rate, config.training.num_steps
     warmup = s.warmup_steps
@@ -17,7 +17,7 @@ def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     elif s.name == "cosine":
         main = optax.cosine_decay_schedule(peak, decay_steps=max(total - warmup, 1))
     elif s.name == "step":
-        bounds = [int(b * total) if b < 1 else int(b) for b in s.boundaries]
+        bounds = [round(f * total) for f in s.decay_fractions]
         # Boundaries count from the start of training, like the papers' iteration numbers.
         main = optax.piecewise_constant_schedule(
             peak, {max(b - warmup, 1): s.decay_factor for b in bounds}

@@ -144,7 +144,7 @@ def compile_steps(
     lowered = {name: programs[name][0].lower(abstract, programs[name][1]) for name in which}
     # XLA compiles each program on one thread: the two side by side save the eval step's
     # compile (ResNet-56 on 2 cores: 5.5 s instead of 6.0 s, benchmarks/README.md).
-    with concurrent.futures.ThreadPoolExecutor(len(lowered)) as pool:
+    with concurrent.futures.ThreadPoolExecutor(max(len(lowered), 1)) as pool:
         compiled = dict(
             zip(lowered, pool.map(lambda p: p.compile(), lowered.values()), strict=True)
         )
