@@ -51,11 +51,8 @@ def setup() -> tuple[dict, dict]:
     # ($JAX_ENABLE_COMPILATION_CACHE=false) unless it measures the cache itself.
     runtime.configure_jax(project_flags=flags.FLAGS.project_flags)
     start = time.perf_counter()
-    import jax
-    import jax.numpy as jnp
     from flax import nnx
 
-    import data
     import models
     from models import summary
     from training import state as state_lib
@@ -69,59 +66,20 @@ def setup() -> tuple[dict, dict]:
     init_options = {} if flags.FLAGS.init_optimized else state_lib.INIT_COMPILER_OPTIONS
     start = time.perf_counter()
     s = setup(config, init_compiler_options=init_options)
-    init_seconds, compile_seconds = s.init_seconds, s.compile_seconds
     start += s.data_seconds  # time to the first step counts from the state's creation, as before
-    splits, specs, sharding, train_fn, eval_fn = (
-        s.splits,
-        s.specs,
-        s.batch_sharding,
-        s.train_step,
-        s.eval_step,
-    )
-    state, batches = s.state, s.train_batches(start_step=0)
-    batch = next(batches)
-    box = {"state": train_fn(state, batch)[0]}
-    jax.block_until_ready(box["state"])
+    handlers = _handlers(s)  # runs the first step
     first_step_seconds = time.perf_counter() - start
-    eval_batch = next(
-        data.eval_batches(
-            splits.test, global_batch_size=config.training.eval_batch_size, sharding=sharding
-        )
-    )
+    info = s.splits.info
     real_params = summary.count_params(
         nnx.eval_shape(
             lambda: models.create_model(
-                config.model, splits.info.image_shape, splits.info.num_classes, rngs=nnx.Rngs(0)
+                config.model, info.image_shape, info.num_classes, rngs=nnx.Rngs(0)
             )
         )
     )
-
-    def train_window(steps: int) -> dict:
-        def run():
-            box["state"], metrics = train_fn(box["state"], batch)
-            return metrics
-
-        return _window(jax, run, steps)
-
-    def pipeline_window(steps: int) -> dict:
-        def run():
-            box["state"], metrics = train_fn(box["state"], next(batches))
-            return metrics
-
-        return _window(jax, run, steps)
-
-    def eval_window(steps: int) -> dict:
-        return _window(jax, lambda: eval_fn(box["state"], eval_batch), steps)
-
-    matmul = jax.jit(jnp.dot)
-    a = jnp.ones((MATMUL_SIZE, MATMUL_SIZE), jnp.float32)
-
-    def matmul_window(steps: int) -> dict:
-        return _window(jax, lambda: matmul(a, a), steps)
-
-    for window in (train_window, pipeline_window, eval_window, matmul_window):
+    for window in handlers.values():
         window(1)  # warm-up: first calls allocate and fill caches
-    sums = summary.to_json(specs)
+    sums = summary.to_json(s.specs)
     ready = {
         "framework": "jax",
         "model": flags.FLAGS.model,
@@ -132,19 +90,64 @@ def setup() -> tuple[dict, dict]:
         "eval_batch_size": config.training.eval_batch_size,
         "matmul_flops": 2 * MATMUL_SIZE**3,
         "import_seconds": import_seconds,
-        "init_seconds": init_seconds,
-        "compile_seconds": compile_seconds,
+        "init_seconds": s.init_seconds,
+        "compile_seconds": s.compile_seconds,
         "first_step_seconds": first_step_seconds,
         "cores": len(os.sched_getaffinity(0)),
         "environment": runtime.environment(),
     }
-    handlers = {
+    return ready, handlers
+
+
+def _handlers(s) -> dict:
+    """Runs the first train step (until its result is ready) and returns the timed windows of
+    the coordinator's commands: train, pipeline, eval, matmul."""
+    import jax
+    import jax.numpy as jnp
+
+    import data
+
+    batches = s.train_batches(start_step=0)
+    batch = next(batches)
+    box = {"state": s.train_step(s.state, batch)[0]}
+    jax.block_until_ready(box["state"])
+    eval_batch = next(
+        data.eval_batches(
+            s.splits.test,
+            global_batch_size=s.config.training.eval_batch_size,
+            sharding=s.batch_sharding,
+        )
+    )
+
+    def train_window(steps: int) -> dict:
+        def run():
+            box["state"], metrics = s.train_step(box["state"], batch)
+            return metrics
+
+        return _window(jax, run, steps)
+
+    def pipeline_window(steps: int) -> dict:
+        def run():
+            box["state"], metrics = s.train_step(box["state"], next(batches))
+            return metrics
+
+        return _window(jax, run, steps)
+
+    def eval_window(steps: int) -> dict:
+        return _window(jax, lambda: s.eval_step(box["state"], eval_batch), steps)
+
+    matmul = jax.jit(jnp.dot)
+    a = jnp.ones((MATMUL_SIZE, MATMUL_SIZE), jnp.float32)
+
+    def matmul_window(steps: int) -> dict:
+        return _window(jax, lambda: matmul(a, a), steps)
+
+    return {
         "train": train_window,
         "pipeline": pipeline_window,
         "eval": eval_window,
         "matmul": matmul_window,
     }
-    return ready, handlers
 
 
 def _window(jax, run, steps: int) -> dict:
