@@ -11,8 +11,8 @@ three passes alone for every distinct convolution of the given models (the Layer
 worker processes (benchmarks/protocol.py) with interleaved windows:
 
 - `xla`: XLA:CPU with the project's flags (training/runtime.py), i.e. Eigen's convolutions,
-  and the project's convolution (`models.layers.conv_general_dilated`: strided convolutions'
-  input gradient by phases);
+  and the project's convolution (`models.cpu_kernels.conv_general_dilated`: strided
+  convolutions' input gradient by phases);
 - `xla_ynnpack`: XLA:CPU with JAX's default flags, which hand convolutions to YNNPACK;
 - `torch`: PyTorch channels-last, i.e. oneDNN: `torch.ops.aten.convolution_backward` with an
   output mask computes dx or dw alone, as autograd calls it.
@@ -129,13 +129,13 @@ def make_inputs(conv: Conv, batch: int, seed: int = 0):
 def jax_passes(conv: Conv, x, w, dy) -> dict:
     """Returns {pass: function of no arguments} computing each pass on the device in XLA,
     compiled ahead of time; each call returns the pass's result, ready. The convolution is the
-    project's (`models.layers.conv_general_dilated`, what `layers.Conv` calls)."""
+    project's (`models.cpu_kernels.conv_general_dilated`, what `layers.conv` uses)."""
     import jax
 
-    from models import layers
+    from models import cpu_kernels
 
     def forward(x, w):
-        return layers.conv_general_dilated(
+        return cpu_kernels.conv_general_dilated(
             x,
             w,
             (conv.stride, conv.stride),

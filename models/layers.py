@@ -1,18 +1,20 @@
 """The building blocks every family uses, defined once: conv with explicit symmetric padding,
 the locally connected layer, dense, the pooling functions, normalisation and activations.
 
-Arrays are NHWC. Parameters are float32; `dtype` is the computation dtype.
+Arrays are NHWC. Parameters are float32; `dtype` is the computation dtype. On the CPU
+backend the conv and the pooling layers each ask `models.cpu_kernels` once for a faster
+kernel (same values; see that module and its switch, CONVNETS_CPU_KERNELS=0).
 """
 
 from __future__ import annotations
 
-import functools
-import itertools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from models import cpu_kernels
 
 # He et al. 2015, "Delving deep into rectifiers" (arXiv 1502.01852): variance 2/fan_in keeps
 # the activations' scale through ReLU layers; the CIFAR ResNet paper (1512.03385, sec. 3.4)
@@ -42,136 +44,12 @@ def _symmetric(padding: int) -> tuple[tuple[int, int], tuple[int, int]]:
     return ((padding, padding), (padding, padding))
 
 
-def materialized(x: jax.Array) -> jax.Array:
-    """Returns `x` unchanged, computed into its own buffer that later operations cannot fuse
-    into (a conditional both of whose branches return x).
-
-    Why: XLA:CPU computes a conv's weight gradient from a copy of its input transposed to
-    [C, H, W, B]. It fuses the input's producers (BatchNorm, ReLU, residual additions) into
-    that transpose, which then recomputes them in a strided loop about 6x slower than a plain
-    transpose of the stored input. `lax.optimization_barrier` does not prevent this: the CPU
-    compiler removes barriers before fusion. Measured in benchmarks/README.md: ResNet-20
-    training 1.37x, the plain ConvNet 1.15x faster, All-CNN-C inference 1.6x.
-    """
-    if jax.default_backend() != "cpu":  # a conditional costs a device-to-host sync on GPUs
-        return x
-    # The NaN branch adds 0.0, which XLA cannot simplify away (it turns -0.0 into 0.0), so the
-    # conditional survives; it returns the same values as the other branch.
-    return jax.lax.cond(jnp.isnan(x.reshape(-1)[0]), lambda y: y + 0.0, lambda y: y, x)
-
-
-_NHWC = ("NHWC", "HWIO", "NHWC")
-
-
-def _conv(x: jax.Array, kernel: jax.Array, strides, padding) -> jax.Array:
-    return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_NHWC)
-
-
-def _input_grad_by_phases(dy: jax.Array, kernel: jax.Array, x_shape, strides, padding):
-    """Returns the gradient of `_conv(x, kernel, strides, padding)` with respect to x, given the
-    output's gradient dy, as one stride-1 convolution per phase of the input grid.
-
-    With stride S, padded input row S*q + r receives dy[q - t] * kernel[S*t + r] over the taps
-    t of phase r only. XLA instead convolves dy dilated with S-1 zeros between rows and columns
-    with the whole flipped kernel: S^2 times the multiplications, most by zero. Here each of
-    the S^2 phases convolves dy, undilated, with its own taps kernel[r::S, c::S] (flipped,
-    channels swapped); the phases are then interleaved and the padding cropped.
-    """
-    batch, height, width, depth = x_shape
-    (s_h, s_w), ((lo_h, hi_h), (lo_w, hi_w)) = strides, padding
-    out_h, out_w = dy.shape[1:3]
-    # rows and columns of each phase: the padded input's, divided by the stride, rounded up
-    q_h, q_w = -(-(height + lo_h + hi_h) // s_h), -(-(width + lo_w + hi_w) // s_w)
-    rows = []
-    for r in range(s_h):
-        phases = []
-        for c in range(s_w):
-            taps = kernel[r::s_h, c::s_w]  # [T_h, T_w, D1, K]
-            t_h, t_w = taps.shape[:2]
-            if t_h == 0 or t_w == 0:  # kernel smaller than the stride: no tap reaches here
-                phases.append(jnp.zeros((batch, q_h, q_w, depth), dy.dtype))
-                continue
-            taps = jnp.flip(taps, (0, 1)).swapaxes(2, 3)  # [T_h, T_w, K, D1]
-            pads = ((t_h - 1, q_h - out_h), (t_w - 1, q_w - out_w))
-            phases.append(_conv(dy, taps, (1, 1), pads))
-        rows.append(jnp.stack(phases, axis=3))  # [B, q_h, q_w, s_w, D1]
-    grid = jnp.stack(rows, axis=2).reshape(batch, q_h * s_h, q_w * s_w, depth)
-    return grid[:, lo_h : lo_h + height, lo_w : lo_w + width, :]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _strided_conv(x, kernel, strides, padding):
-    return _conv(x, kernel, strides, padding)
-
-
-def _strided_conv_fwd(x, kernel, strides, padding):
-    return _conv(x, kernel, strides, padding), (x, kernel)
-
-
-def _strided_conv_bwd(strides, padding, residuals, dy):
-    x, kernel = residuals
-    _, kernel_vjp = jax.vjp(lambda k: _conv(x, k, strides, padding), kernel)
-    return _input_grad_by_phases(dy, kernel, x.shape, strides, padding), kernel_vjp(dy)[0]
-
-
-_strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
-
-
-def conv_general_dilated(
-    lhs,
-    rhs,
-    window_strides,
-    padding,
-    lhs_dilation=None,
-    rhs_dilation=None,
-    dimension_numbers=None,
-    feature_group_count=1,
-    **kwargs,
-):
-    """`jax.lax.conv_general_dilated`, whose input gradient is computed by phases
-    (`_input_grad_by_phases`) for a strided 2-D NHWC convolution with explicit padding on CPU.
-
-    Same values, same weight gradient; the input gradient equal up to float rounding. XLA:CPU's
-    own input gradient of a stride-2 convolution (dy dilated with zeros) was 2.0-2.3x slower
-    at these networks' sizes (benchmarks/README.md). On GPUs, cuDNN's strided backward pass is
-    used as it is. Every other convolution goes to `jax.lax.conv_general_dilated` unchanged.
-    Like the pooling layers' gradients, it is a `jax.custom_vjp`: reverse mode (grad, vjp)
-    only; forward mode (jax.jvp, jacfwd) through a strided convolution on CPU raises.
-    """
-    by_phases = (
-        jax.default_backend() == "cpu"
-        and lhs.ndim == 4
-        and max(window_strides) > 1
-        and not isinstance(padding, str)
-        and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-        and feature_group_count == 1
-        and dimension_numbers is not None
-        and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-        == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
-        and all(v is None for v in kwargs.values())  # precision, preferred type, sharding
-    )
-    if by_phases:
-        pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-        return _strided_conv(lhs, rhs, tuple(int(s) for s in window_strides), pads)
-    return jax.lax.conv_general_dilated(
-        lhs,
-        rhs,
-        window_strides,
-        padding,
-        lhs_dilation,
-        rhs_dilation,
-        dimension_numbers,
-        feature_group_count,
-        **kwargs,
-    )
-
-
 class Conv(nnx.Conv):
-    """nnx.Conv whose input is `materialized` first (same parameters, same outputs), and whose
-    strided convolutions' input gradient is computed by phases (`conv_general_dilated`)."""
+    """nnx.Conv (same parameters, same outputs) whose input goes through
+    `cpu_kernels.materialized` (the identity; its own buffer on CPU)."""
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
-        return super().__call__(materialized(inputs))
+        return super().__call__(cpu_kernels.materialized(inputs))
 
 
 def conv(
@@ -197,7 +75,7 @@ def conv(
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=KERNEL_INIT,
-        conv_general_dilated=conv_general_dilated,
+        conv_general_dilated=cpu_kernels.conv_general_dilated,  # lax's unless on CPU
         rngs=rngs,
     )
 
@@ -319,35 +197,12 @@ def norm(function: str, channels: int, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> n
     raise ValueError(f"unknown norm {function!r}; valid: {', '.join(NORMS[1:])}")
 
 
-def _strided_views(
-    x: jax.Array, window: int, stride: int, padding: int, pad_value: float, axes: tuple[int, ...]
-) -> list[jax.Array]:
-    """Returns the F^len(axes) strided views of `x` (padded with `pad_value`, P on each side of
-    `axes`) that hold, for each offset in the window, that element of every window: each view
-    has the pooled output's shape, and pooling is an elementwise reduction over them."""
-    if padding:
-        pads = [(padding, padding) if a in axes else (0, 0) for a in range(x.ndim)]
-        x = jnp.pad(x, pads, constant_values=pad_value)
-    size = {a: (x.shape[a] - window) // stride + 1 for a in axes}
-    views = []
-    for offsets in itertools.product(range(window), repeat=len(axes)):
-        index = [slice(None)] * x.ndim
-        for a, o in zip(axes, offsets, strict=True):
-            index[a] = slice(o, o + stride * (size[a] - 1) + 1, stride)
-        views.append(x[tuple(index)])
-    return views
-
-
-def _max_by_views(x, window, stride, padding, axes):
-    return functools.reduce(jnp.maximum, _strided_views(x, window, stride, padding, -jnp.inf, axes))
-
-
-def _mean_by_views(x, window, stride, padding, axes):
-    total = functools.reduce(jnp.add, _strided_views(x, window, stride, padding, 0.0, axes))
-    return total / window ** len(axes)
-
-
-def _reduce_window(x, function, window, stride, padding, axes):
+def reduce_window(
+    x: jax.Array, function: str, window: int, stride: int, padding: int, axes: tuple[int, ...]
+) -> jax.Array:
+    """Returns the max or mean (`function`) over windows of F elements at stride S along each
+    of `axes`, P padding elements on each side: -inf for max (padding never wins), zeros for
+    mean (they count: the divisor is always F^len(axes))."""
     dims = tuple(window if a in axes else 1 for a in range(x.ndim))
     strides = tuple(stride if a in axes else 1 for a in range(x.ndim))
     pads = tuple((padding, padding) if a in axes else (0, 0) for a in range(x.ndim))
@@ -358,40 +213,20 @@ def _reduce_window(x, function, window, stride, padding, axes):
     return total / window ** len(axes)
 
 
-_BY_VIEWS = {"max": _max_by_views, "mean": _mean_by_views}
-
-
-# The value comes from one reduce_window pass (fastest forward, e.g. at inference); the
-# gradient is that of the same pooling written as elementwise ops on strided views. XLA
-# differentiates reduce_window through select_and_scatter (max) or a padded reduce_window
-# (mean), which on CPU made max-pooled training steps several times slower; the views'
-# gradient is a few fused elementwise passes (a 2x2/2 max pool's backward: ~30x faster here,
-# benchmarks/README.md). Ties in a max window share its gradient equally (a valid subgradient,
-# like reduce_window's pick-one).
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
-def _window_pool(x, function, window, stride, padding, axes):
-    return _reduce_window(x, function, window, stride, padding, axes)
-
-
-def _window_pool_fwd(x, function, window, stride, padding, axes):
-    return jax.vjp(lambda x: _BY_VIEWS[function](x, window, stride, padding, axes), x)
-
-
-def _window_pool_bwd(function, window, stride, padding, axes, vjp, cotangent):
-    return vjp(cotangent)
-
-
-_window_pool.defvjp(_window_pool_fwd, _window_pool_bwd)
+def _pool_over(x, function, window, stride, padding, axes):
+    if cpu_kernels.enabled():  # same value, a gradient XLA:CPU computes much faster
+        return cpu_kernels.window_pool(reduce_window, x, function, window, stride, padding, axes)
+    return reduce_window(x, function, window, stride, padding, axes)
 
 
 def max_pool(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
     """Max over F x F windows of [B, H, W, C]; padding never wins (it is -inf)."""
-    return _window_pool(x, "max", window, stride, padding, (1, 2))
+    return _pool_over(x, "max", window, stride, padding, (1, 2))
 
 
 def avg_pool(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
     """Mean over F x F windows of [B, H, W, C]; padded zeros count (divisor always F*F)."""
-    return _window_pool(x, "mean", window, stride, padding, (1, 2))
+    return _pool_over(x, "mean", window, stride, padding, (1, 2))
 
 
 def l2_pool(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
@@ -406,7 +241,7 @@ def depth_pool(x: jax.Array, window: int, stride: int, padding: int) -> jax.Arra
     """Max over windows of F neighbouring channels: [B, H, W, D1] -> [B, H, W, D2] with
     D2 = floor((D1 + 2P - F)/S) + 1; H and W unchanged (the maxout unit of Goodfellow et al.
     2013, arXiv 1302.4389)."""
-    return _window_pool(x, "max", window, stride, padding, (3,))
+    return _pool_over(x, "max", window, stride, padding, (3,))
 
 
 _POOLS = {"max": max_pool, "avg": avg_pool, "l2": l2_pool, "depth": depth_pool}

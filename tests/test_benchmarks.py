@@ -1,5 +1,6 @@
-"""The benchmark: its arithmetic, the PyTorch reference's equivalence with our models, the
-pooling rewrite's gradients, and one real run of the script on a small model.
+"""The benchmark: its arithmetic, the PyTorch reference's equivalence with our models, and one
+real run of the script on a small model. (Every layer kind's torch translation: test_shapes.py;
+the CPU kernels, once the pooling rewrite's tests here: test_models.py.)
 
 Nothing here times anything: the numbers come from `python -m benchmarks.throughput` and
 `python -m benchmarks.conv_parts`.
@@ -10,15 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import app
-from flax import nnx
 
 from benchmarks import conv_parts, throughput
-from models import layers
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,130 +80,6 @@ def test_peak_table_and_targets():
     assert targets["plain"]["train_at_least_torch"]
     assert not targets["resnet20"]["train_at_least_torch"]
     assert targets["plain"]["pipeline_share_at_most_5pct"]
-
-
-# --- the pooling rewrite: same values, same gradients ------------------------------------------
-
-
-def _reduce_window_pool(x, function, f, s, p):
-    """The previous implementation (lax.reduce_window, differentiated by JAX)."""
-    pads = ((0, 0), (p, p), (p, p), (0, 0))
-    if function == "max":
-        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, f, f, 1), (1, s, s, 1), pads)
-    summed = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, f, f, 1), (1, s, s, 1), pads)
-    return summed / (f * f)
-
-
-@pytest.mark.parametrize("function", ["max", "avg"])
-@pytest.mark.parametrize("f, s, p", [(2, 2, 0), (3, 2, 1), (3, 1, 1), (2, 1, 0)])
-def test_pooling_gradients_equal_reduce_window(function, f, s, p):
-    # distinct values: no ties, so every max window has one well-defined gradient
-    x = jnp.asarray(np.random.default_rng(0).permutation(2 * 7 * 7 * 3).reshape(2, 7, 7, 3) / 50)
-    x = x.astype(jnp.float32)
-    weights = jnp.asarray(np.random.default_rng(1).normal(size=(2, 7, 7, 3)), jnp.float32)
-
-    def loss(pool):
-        return lambda x: jnp.sum(pool(x) * weights[:, : pool(x).shape[1], : pool(x).shape[2]])
-
-    ours = lambda x: layers.pool(x, function, f, s, p)
-    theirs = lambda x: _reduce_window_pool(x, function, f, s, p)
-    np.testing.assert_array_equal(ours(x), theirs(x))
-    np.testing.assert_allclose(
-        jax.grad(loss(ours))(x), jax.grad(loss(theirs))(x), rtol=1e-6, atol=1e-6
-    )
-
-
-def test_depth_pooling_gradient_equals_reduce_window():
-    x = jnp.asarray(np.random.default_rng(2).permutation(2 * 3 * 3 * 8).reshape(2, 3, 3, 8) / 9)
-    x = x.astype(jnp.float32)
-    previous = lambda x: jax.lax.reduce_window(
-        x, -jnp.inf, jax.lax.max, (1, 1, 1, 3), (1, 1, 1, 2), ((0, 0), (0, 0), (0, 0), (1, 1))
-    )
-    ours = lambda x: layers.pool(x, "depth", 3, 2, 1)
-    np.testing.assert_array_equal(ours(x), previous(x))
-    np.testing.assert_allclose(
-        jax.grad(lambda x: jnp.sum(ours(x) ** 2))(x),
-        jax.grad(lambda x: jnp.sum(previous(x) ** 2))(x),
-        rtol=1e-6,
-    )
-
-
-@pytest.mark.parametrize(
-    "size, f, s, padding",
-    [
-        (32, 3, 2, ((1, 1), (1, 1))),  # the ResNets' and All-CNN-C's downsampling
-        (32, 1, 2, ((0, 0), (0, 0))),  # a 1x1 projection: three of four phases get no tap
-        (9, 3, 2, ((1, 1), (1, 1))),  # odd size: the last phase row is cropped
-        (10, 5, 3, ((2, 2), (2, 2))),  # stride 3, kernel 5
-        (11, 2, 2, ((0, 1), (1, 0))),  # even kernel, asymmetric padding
-        (7, 3, 3, ((0, 0), (0, 0))),  # windows that skip input rows: zero gradient there
-    ],
-)
-def test_strided_conv_gradients_equal_lax(size, f, s, padding):
-    rng = np.random.default_rng(4)
-    x = jnp.asarray(rng.normal(size=(2, size, size + 1, 3)), jnp.float32)
-    kernel = jnp.asarray(rng.normal(size=(f, f, 3, 5)), jnp.float32)
-    dims = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
-
-    def conv(implementation):
-        return lambda x, k: implementation(x, k, (s, s), padding, dimension_numbers=dims)
-
-    ours, theirs = conv(layers.conv_general_dilated), conv(jax.lax.conv_general_dilated)
-    np.testing.assert_array_equal(ours(x, kernel), theirs(x, kernel))
-    weights = jnp.asarray(rng.normal(size=theirs(x, kernel).shape), jnp.float32)
-    grads = [
-        jax.jit(jax.grad(lambda x, k, c=c: jnp.sum(c(x, k) * weights), argnums=(0, 1)))(x, kernel)
-        for c in (ours, theirs)
-    ]
-    for a, b in zip(*grads, strict=True):
-        assert a.shape == b.shape and float(jnp.max(jnp.abs(b))) > 0.1
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    if f <= s and not any(padding[0]):  # rows no window reads get no gradient
-        covered = np.zeros(size, bool)
-        for start in range(0, size - f + 1, s):
-            covered[start : start + f] = True
-        assert not np.any(np.asarray(grads[0][0])[:, ~covered])
-
-
-def test_strided_conv_layer_uses_phases_and_unstrided_ones_lax():
-    def backward(layer, x):
-        return jax.jit(jax.grad(lambda x: jnp.sum(layer(x)))).lower(x).as_text()
-
-    x = jnp.ones((1, 8, 8, 3))
-    dims = ("NHWC", "HWIO", "NHWC")
-    strided = layers.conv(3, 4, 3, 2, 1, use_bias=True, dtype=jnp.float32, rngs=nnx.Rngs(0))
-    kernel = strided.kernel[...]
-    lax_strided = lambda x: jax.lax.conv_general_dilated(
-        x, kernel, (2, 2), ((1, 1),) * 2, None, None, dims
-    )
-    # XLA's own input gradient dilates dy with zeros; the layer's does not
-    assert "lhs_dilate = [2, 2]" in backward(lax_strided, x)
-    assert "lhs_dilate = [2, 2]" not in backward(strided, x)
-    # stride 1, or padding given by name: lax's convolution, untouched
-    plain = layers.conv(3, 4, 3, 1, 1, use_bias=True, dtype=jnp.float32, rngs=nnx.Rngs(0))
-    assert "custom_vjp" not in str(jax.make_jaxpr(plain)(x))
-    named = lambda x: layers.conv_general_dilated(x, kernel, (2, 2), "SAME", dimension_numbers=dims)
-    assert "custom_vjp" not in str(jax.make_jaxpr(named)(x))
-    assert "custom_vjp" in str(jax.make_jaxpr(strided)(x))
-    # dimension numbers given as strings, as conv_parts.py does, mean the same
-    by_name = lambda x: layers.conv_general_dilated(
-        x, kernel, (2, 2), ((1, 1),) * 2, None, None, dims
-    )
-    assert "custom_vjp" in str(jax.make_jaxpr(by_name)(x))
-    nchw = jnp.ones((1, 3, 8, 8))  # other layouts: lax's
-    by_nchw = lambda x: layers.conv_general_dilated(
-        x, kernel.transpose(3, 2, 0, 1), (2, 2), ((1, 1),) * 2, dimension_numbers=None
-    )
-    assert "custom_vjp" not in str(jax.make_jaxpr(by_nchw)(nchw))
-
-
-def test_materialized_is_the_identity_under_jit_grad_and_vmap():
-    x = jnp.asarray(np.random.default_rng(3).normal(size=(4, 5, 5, 2)), jnp.float32)
-    np.testing.assert_array_equal(jax.jit(layers.materialized)(x), x)
-    np.testing.assert_array_equal(jax.vmap(layers.materialized)(x), x)
-    np.testing.assert_array_equal(jax.grad(lambda x: jnp.sum(layers.materialized(x) * x))(x), 2 * x)
-    nan = x.at[0, 0, 0, 0].set(jnp.nan)
-    np.testing.assert_array_equal(layers.materialized(nan), nan)  # the other branch
 
 
 # --- the PyTorch reference ------------------------------------------------------------------

@@ -1,7 +1,12 @@
-"""The model families: presets, published parameter counts, pooling numerics, forward passes
-in float32 and bfloat16, train/eval behaviour, and real shapes equal to the summary's."""
+"""The model families: presets, published parameter counts, pooling numerics, the CPU kernels
+(same values and gradients, the switch), forward passes in float32 and bfloat16, train/eval
+behaviour, and real shapes equal to the summary's."""
 
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -11,9 +16,10 @@ from flax import nnx
 
 import models
 from errors import UserError
-from models import layers, network
+from models import cpu_kernels, layers, network
 from models.summary import count_params, totals
 
+ROOT = Path(__file__).resolve().parent.parent
 CIFAR = (32, 32, 3)
 
 
@@ -261,6 +267,243 @@ def test_locally_connected_with_equal_filters_is_the_conv():
     local.bias[...] = jnp.broadcast_to(conv.bias[...], local.bias.shape)
     x = _images((2, *shape))
     np.testing.assert_allclose(local(x), conv(x), rtol=1e-5, atol=1e-5)
+
+
+# --- the CPU kernels (models/cpu_kernels.py): same values, same gradients, one switch --------
+
+
+@pytest.fixture
+def kernels_on():
+    """The CPU kernels switched on, whatever the backend and the environment."""
+    with cpu_kernels.override(True):
+        yield
+
+
+def _reduce_window_pool(x, function, f, s, p):
+    """The previous implementation (lax.reduce_window, differentiated by JAX)."""
+    pads = ((0, 0), (p, p), (p, p), (0, 0))
+    if function == "max":
+        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, f, f, 1), (1, s, s, 1), pads)
+    summed = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, f, f, 1), (1, s, s, 1), pads)
+    return summed / (f * f)
+
+
+@pytest.mark.parametrize("function", ["max", "avg"])
+@pytest.mark.parametrize("f, s, p", [(2, 2, 0), (3, 2, 1), (3, 1, 1), (2, 1, 0)])
+@pytest.mark.usefixtures("kernels_on")
+def test_pooling_gradients_equal_reduce_window(function, f, s, p):
+    # distinct values: no ties, so every max window has one well-defined gradient
+    x = jnp.asarray(np.random.default_rng(0).permutation(2 * 7 * 7 * 3).reshape(2, 7, 7, 3) / 50)
+    x = x.astype(jnp.float32)
+    weights = jnp.asarray(np.random.default_rng(1).normal(size=(2, 7, 7, 3)), jnp.float32)
+
+    def loss(pool):
+        return lambda x: jnp.sum(pool(x) * weights[:, : pool(x).shape[1], : pool(x).shape[2]])
+
+    ours = lambda x: layers.pool(x, function, f, s, p)
+    theirs = lambda x: _reduce_window_pool(x, function, f, s, p)
+    np.testing.assert_array_equal(ours(x), theirs(x))
+    np.testing.assert_allclose(
+        jax.grad(loss(ours))(x), jax.grad(loss(theirs))(x), rtol=1e-6, atol=1e-6
+    )
+
+
+@pytest.mark.usefixtures("kernels_on")
+def test_depth_pooling_gradient_equals_reduce_window():
+    x = jnp.asarray(np.random.default_rng(2).permutation(2 * 3 * 3 * 8).reshape(2, 3, 3, 8) / 9)
+    x = x.astype(jnp.float32)
+    previous = lambda x: jax.lax.reduce_window(
+        x, -jnp.inf, jax.lax.max, (1, 1, 1, 3), (1, 1, 1, 2), ((0, 0), (0, 0), (0, 0), (1, 1))
+    )
+    ours = lambda x: layers.pool(x, "depth", 3, 2, 1)
+    np.testing.assert_array_equal(ours(x), previous(x))
+    np.testing.assert_allclose(
+        jax.grad(lambda x: jnp.sum(ours(x) ** 2))(x),
+        jax.grad(lambda x: jnp.sum(previous(x) ** 2))(x),
+        rtol=1e-6,
+    )
+
+
+@pytest.mark.parametrize(
+    "size, f, s, padding",
+    [
+        (32, 3, 2, ((1, 1), (1, 1))),  # the ResNets' and All-CNN-C's downsampling
+        (32, 1, 2, ((0, 0), (0, 0))),  # a 1x1 projection: three of four phases get no tap
+        (9, 3, 2, ((1, 1), (1, 1))),  # odd size: the last phase row is cropped
+        (10, 5, 3, ((2, 2), (2, 2))),  # stride 3, kernel 5
+        (11, 2, 2, ((0, 1), (1, 0))),  # even kernel, asymmetric padding
+        (7, 3, 3, ((0, 0), (0, 0))),  # windows that skip input rows: zero gradient there
+    ],
+)
+@pytest.mark.usefixtures("kernels_on")
+def test_strided_conv_gradients_equal_lax(size, f, s, padding):
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(2, size, size + 1, 3)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(f, f, 3, 5)), jnp.float32)
+    dims = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
+
+    def conv(implementation):
+        return lambda x, k: implementation(x, k, (s, s), padding, dimension_numbers=dims)
+
+    ours, theirs = conv(cpu_kernels.conv_general_dilated), conv(jax.lax.conv_general_dilated)
+    np.testing.assert_array_equal(ours(x, kernel), theirs(x, kernel))
+    weights = jnp.asarray(rng.normal(size=theirs(x, kernel).shape), jnp.float32)
+    grads = [
+        jax.jit(jax.grad(lambda x, k, c=c: jnp.sum(c(x, k) * weights), argnums=(0, 1)))(x, kernel)
+        for c in (ours, theirs)
+    ]
+    for a, b in zip(*grads, strict=True):
+        assert a.shape == b.shape and float(jnp.max(jnp.abs(b))) > 0.1
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    if f <= s and not any(padding[0]):  # rows no window reads get no gradient
+        covered = np.zeros(size, bool)
+        for start in range(0, size - f + 1, s):
+            covered[start : start + f] = True
+        assert not np.any(np.asarray(grads[0][0])[:, ~covered])
+
+
+@pytest.mark.usefixtures("kernels_on")
+def test_strided_conv_layer_uses_phases_and_unstrided_ones_lax():
+    def backward(layer, x):
+        return jax.jit(jax.grad(lambda x: jnp.sum(layer(x)))).lower(x).as_text()
+
+    x = jnp.ones((1, 8, 8, 3))
+    dims = ("NHWC", "HWIO", "NHWC")
+    strided = layers.conv(3, 4, 3, 2, 1, use_bias=True, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    kernel = strided.kernel[...]
+    lax_strided = lambda x: jax.lax.conv_general_dilated(
+        x, kernel, (2, 2), ((1, 1),) * 2, None, None, dims
+    )
+    # XLA's own input gradient dilates dy with zeros; the layer's does not
+    assert "lhs_dilate = [2, 2]" in backward(lax_strided, x)
+    assert "lhs_dilate = [2, 2]" not in backward(strided, x)
+    # stride 1, or padding given by name: lax's convolution, untouched
+    plain = layers.conv(3, 4, 3, 1, 1, use_bias=True, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    assert "custom_vjp" not in str(jax.make_jaxpr(plain)(x))
+    named = lambda x: cpu_kernels.conv_general_dilated(
+        x, kernel, (2, 2), "SAME", dimension_numbers=dims
+    )
+    assert "custom_vjp" not in str(jax.make_jaxpr(named)(x))
+    assert "custom_vjp" in str(jax.make_jaxpr(strided)(x))
+    # dimension numbers given as strings, as conv_parts.py does, mean the same
+    by_name = lambda x: cpu_kernels.conv_general_dilated(
+        x, kernel, (2, 2), ((1, 1),) * 2, None, None, dims
+    )
+    assert "custom_vjp" in str(jax.make_jaxpr(by_name)(x))
+    nchw = jnp.ones((1, 3, 8, 8))  # other layouts: lax's
+    by_nchw = lambda x: cpu_kernels.conv_general_dilated(
+        x, kernel.transpose(3, 2, 0, 1), (2, 2), ((1, 1),) * 2, dimension_numbers=None
+    )
+    assert "custom_vjp" not in str(jax.make_jaxpr(by_nchw)(nchw))
+
+
+@pytest.mark.usefixtures("kernels_on")
+def test_materialized_is_the_identity_under_jit_grad_and_vmap():
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(4, 5, 5, 2)), jnp.float32)
+    np.testing.assert_array_equal(jax.jit(cpu_kernels.materialized)(x), x)
+    np.testing.assert_array_equal(jax.vmap(cpu_kernels.materialized)(x), x)
+    gradient = jax.grad(lambda x: jnp.sum(cpu_kernels.materialized(x) * x))(x)
+    np.testing.assert_array_equal(gradient, 2 * x)
+    nan = x.at[0, 0, 0, 0].set(jnp.nan)
+    np.testing.assert_array_equal(cpu_kernels.materialized(nan), nan)  # the other branch
+
+
+def test_switch_default_environment_and_overrides(monkeypatch):
+    monkeypatch.delenv(cpu_kernels.ENV_VAR, raising=False)
+    on_cpu = jax.default_backend() == "cpu"
+    assert cpu_kernels.enabled() == cpu_kernels.default() == on_cpu
+    for value in ("0", "off", "False", " no "):
+        monkeypatch.setenv(cpu_kernels.ENV_VAR, value)
+        assert not cpu_kernels.enabled(), value
+    monkeypatch.setenv(cpu_kernels.ENV_VAR, "1")
+    assert cpu_kernels.enabled() == on_cpu
+    with cpu_kernels.override(True):
+        assert cpu_kernels.enabled()
+        with cpu_kernels.override(False):
+            assert not cpu_kernels.enabled()
+        assert cpu_kernels.enabled()
+    assert cpu_kernels.enabled() == on_cpu
+    previous = cpu_kernels.set_enabled(False)
+    try:
+        assert previous is None and not cpu_kernels.enabled()
+    finally:
+        cpu_kernels.set_enabled(previous)
+    assert cpu_kernels.enabled() == on_cpu
+
+
+def test_environment_variable_turns_the_kernels_off_in_a_new_process():
+    program = (
+        "import jax, jax.numpy as jnp\n"
+        "from flax import nnx\n"
+        "from models import cpu_kernels, layers\n"
+        "conv = layers.conv(3, 4, 3, 2, 1, use_bias=True, dtype=jnp.float32, rngs=nnx.Rngs(0))\n"
+        "grad = jax.jit(jax.grad(lambda x: jnp.sum(conv(x))))\n"
+        "hlo = grad.lower(jnp.ones((1, 8, 8, 3))).as_text()\n"
+        "print(cpu_kernels.enabled(), 'lhs_dilate = [2, 2]' in hlo)\n"
+    )  # fmt: skip
+    for value, printed in (("0", "False True"), ("1", "True False")):
+        env = {**os.environ, cpu_kernels.ENV_VAR: value, "JAX_PLATFORMS": "cpu"}
+        run = subprocess.run([sys.executable, "-c", program], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert run.stdout.split() == printed.split(), value
+
+
+def test_switched_off_the_layers_are_lax_and_forward_mode_works():
+    x, tangent = _images((2, 8, 8, 3)), jnp.cos(_images((2, 8, 8, 3)))
+    conv = layers.conv(3, 4, 3, 2, 1, use_bias=True, dtype=jnp.float32, rngs=_rngs())
+    kernel, bias = conv.kernel[...], conv.bias[...]
+    lax_conv = lambda x: (
+        bias
+        + jax.lax.conv_general_dilated(
+            x, kernel, (2, 2), ((1, 1),) * 2, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+    )
+    max_pool = lambda x: layers.pool(x, "max", 3, 2, 1)
+    lax_max_pool = lambda x: jax.lax.reduce_window(
+        x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
+    )
+    with cpu_kernels.override(True):  # custom VJPs: reverse mode only
+        for layer in (conv, max_pool):
+            with pytest.raises(TypeError, match="forward-mode"):
+                jax.jvp(layer, (x,), (tangent,))
+    with cpu_kernels.override(False):
+        for ours, theirs in ((conv, lax_conv), (max_pool, lax_max_pool)):
+            (value, derivative), (want_value, want_derivative) = (
+                jax.jvp(f, (x,), (tangent,)) for f in (ours, theirs)
+            )
+            np.testing.assert_allclose(value, want_value, rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(derivative, want_derivative, rtol=1e-6, atol=1e-6)
+        # XLA's own input gradient, dy dilated with zeros; no custom VJP left
+        backward = jax.jit(jax.grad(lambda x: jnp.sum(conv(x)))).lower(x).as_text()
+        assert "lhs_dilate = [2, 2]" in backward
+        assert "custom_vjp" not in str(jax.make_jaxpr(conv)(x))
+        assert "custom_vjp" not in str(jax.make_jaxpr(max_pool)(x))
+        assert "cond" not in str(jax.make_jaxpr(conv)(x))  # not materialized either
+
+
+@pytest.mark.parametrize("case", ["pooled_max", "resnet"])
+def test_models_compute_the_same_with_the_kernels_off(case):
+    """Switched off, a model is plain lax: the same logits, gradients to float rounding."""
+    model = models.create_model(_cfg(*FAMILY_CASES[case]), TINY, 10, rngs=_rngs())
+    _randomize_scores_layer(model)
+    graphdef, state = nnx.split(model)
+    x = _images((2, *TINY))
+    results = []
+    for flag in (True, False):
+
+        def run(state, x):  # a new function for each setting: the switch is read when tracing
+            m = nnx.merge(graphdef, state)
+            loss = lambda m: m(x, train=True).std()
+            return m(x), nnx.state(nnx.grad(loss)(m), nnx.Param)
+
+        with cpu_kernels.override(flag):
+            results.append(jax.jit(run)(state, x))
+    (on_logits, on_grads), (off_logits, off_grads) = results
+    np.testing.assert_array_equal(on_logits, off_logits)
+    for a, b in zip(jax.tree.leaves(on_grads), jax.tree.leaves(off_grads), strict=True):
+        assert float(jnp.abs(b).max()) > 0
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 # --- forward passes ----------------------------------------------------------------------

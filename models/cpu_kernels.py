@@ -1,0 +1,270 @@
+"""XLA:CPU speed workarounds, in one place behind one switch.
+
+The layers (`models.layers`) are written as the math: a conv is `nnx.Conv` with explicit
+padding, a pooling layer is `lax.reduce_window`. On the CPU backend, XLA compiles three of
+their parts into much slower code than it could; this module holds the rewrites that avoid
+that. Each computes the same values (gradients equal up to float rounding); the layers ask for
+them in one call each, and get the plain computation when the switch is off. Measured in
+benchmarks/README.md ("Layer changes"), two CPU threads:
+
+- `materialized(x)`: the conv input computed into its own buffer (a `lax.cond` both of whose
+  branches return x). XLA:CPU computes a conv's weight gradient from its input transposed to
+  [C, H, W, B] and fuses the input's producers (BatchNorm, ReLU, residual additions) into that
+  transpose, which then recomputes them in a strided loop ~6x slower than a plain transpose.
+  `lax.optimization_barrier` does not help (the CPU compiler removes barriers before fusion).
+  Training: ResNet-56 1.94x, ResNet-20 1.36x, plain ConvNet 1.10x faster; All-CNN-C inference
+  1.65x.
+- `conv_general_dilated`: `lax.conv_general_dilated` whose input gradient, for a strided
+  NHWC convolution with explicit padding, is one stride-1 convolution per phase of the input
+  grid (`_input_grad_by_phases`) instead of a convolution of dy dilated with zeros (S^2 times
+  the multiplications, most by zero). A strided conv's input gradient 2.0-2.3x faster;
+  All-CNN-C training 1.06x, ResNet-56 1.05x.
+- `window_pool`: pooling whose value is one `reduce_window` pass (fastest forward) and whose
+  gradient is that of the same pooling written as elementwise ops on strided views, instead of
+  select-and-scatter (max) or a padded reduce_window (mean). A 2x2/2 max pool's backward
+  62 ms -> 2.1 ms; pooled_max training 1.61x, pooled_avg 1.44x. Ties in a max window share its
+  gradient equally (a valid subgradient, like reduce_window's pick-one).
+
+The conv and pooling rewrites are `jax.custom_vjp`s: reverse mode (grad, vjp) only. Forward-mode
+autodiff (`jax.jvp`, `jax.jacfwd`) through a strided conv or a pooling layer raises while the
+switch is on; turn it off for that.
+
+The switch: on by default on the CPU backend, off on every other backend (where a conditional
+costs a device-to-host sync and cuDNN's strided backward pass is fine). The environment
+variable CONVNETS_CPU_KERNELS=0 (or off / false / no) turns it off; `set_enabled(flag)` and
+`with override(flag):` set it in code (`None`: back to the default). It is read when a
+function is traced: a function already compiled keeps the kernels it was traced with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import os
+from collections.abc import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+
+ENV_VAR = "CONVNETS_CPU_KERNELS"
+_OFF_VALUES = ("0", "off", "false", "no")
+
+_override: bool | None = None  # set_enabled's flag; None: the default
+
+
+def default() -> bool:
+    """Returns the switch's default: on for the CPU backend unless CONVNETS_CPU_KERNELS is
+    0, off, false or no."""
+    if os.environ.get(ENV_VAR, "").strip().lower() in _OFF_VALUES:
+        return False
+    return jax.default_backend() == "cpu"
+
+
+def enabled() -> bool:
+    """Returns whether the layers use this module's kernels (read at trace time)."""
+    return default() if _override is None else _override
+
+
+def set_enabled(flag: bool | None) -> bool | None:
+    """Turns the kernels on (True) or off (False), or back to the default (None); returns the
+    previous setting, for restoring it."""
+    global _override
+    previous, _override = _override, None if flag is None else bool(flag)
+    return previous
+
+
+@contextlib.contextmanager
+def override(flag: bool | None) -> Iterator[None]:
+    """`with override(False): ...` traces the code inside with the kernels off (True: on)."""
+    previous = set_enabled(flag)
+    try:
+        yield
+    finally:
+        set_enabled(previous)
+
+
+# --- the conv input in its own buffer --------------------------------------------------------
+
+
+def materialized(x: jax.Array) -> jax.Array:
+    """Returns `x` unchanged; with the switch on, computed into its own buffer that later
+    operations cannot fuse into (a conditional both of whose branches return x)."""
+    if not enabled():
+        return x
+    # The NaN branch adds 0.0, which XLA cannot simplify away (it turns -0.0 into 0.0), so the
+    # conditional survives; it returns the same values as the other branch.
+    return jax.lax.cond(jnp.isnan(x.reshape(-1)[0]), lambda y: y + 0.0, lambda y: y, x)
+
+
+# --- strided convolutions' input gradient by phases --------------------------------------------
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv(x: jax.Array, kernel: jax.Array, strides, padding) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_NHWC)
+
+
+def _input_grad_by_phases(dy: jax.Array, kernel: jax.Array, x_shape, strides, padding):
+    """Returns the gradient of `_conv(x, kernel, strides, padding)` with respect to x, given the
+    output's gradient dy, as one stride-1 convolution per phase of the input grid.
+
+    With stride S, padded input row S*q + r receives dy[q - t] * kernel[S*t + r] over the taps
+    t of phase r only. XLA instead convolves dy dilated with S-1 zeros between rows and columns
+    with the whole flipped kernel: S^2 times the multiplications, most by zero. Here each of
+    the S^2 phases convolves dy, undilated, with its own taps kernel[r::S, c::S] (flipped,
+    channels swapped); the phases are then interleaved and the padding cropped.
+    """
+    batch, height, width, depth = x_shape
+    (s_h, s_w), ((lo_h, hi_h), (lo_w, hi_w)) = strides, padding
+    out_h, out_w = dy.shape[1:3]
+    # rows and columns of each phase: the padded input's, divided by the stride, rounded up
+    q_h, q_w = -(-(height + lo_h + hi_h) // s_h), -(-(width + lo_w + hi_w) // s_w)
+    rows = []
+    for r in range(s_h):
+        phases = []
+        for c in range(s_w):
+            taps = kernel[r::s_h, c::s_w]  # [T_h, T_w, D1, K]
+            t_h, t_w = taps.shape[:2]
+            if t_h == 0 or t_w == 0:  # kernel smaller than the stride: no tap reaches here
+                phases.append(jnp.zeros((batch, q_h, q_w, depth), dy.dtype))
+                continue
+            taps = jnp.flip(taps, (0, 1)).swapaxes(2, 3)  # [T_h, T_w, K, D1]
+            pads = ((t_h - 1, q_h - out_h), (t_w - 1, q_w - out_w))
+            phases.append(_conv(dy, taps, (1, 1), pads))
+        rows.append(jnp.stack(phases, axis=3))  # [B, q_h, q_w, s_w, D1]
+    grid = jnp.stack(rows, axis=2).reshape(batch, q_h * s_h, q_w * s_w, depth)
+    return grid[:, lo_h : lo_h + height, lo_w : lo_w + width, :]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _strided_conv(x, kernel, strides, padding):
+    return _conv(x, kernel, strides, padding)
+
+
+def _strided_conv_fwd(x, kernel, strides, padding):
+    return _conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _strided_conv_bwd(strides, padding, residuals, dy):
+    x, kernel = residuals
+    _, kernel_vjp = jax.vjp(lambda k: _conv(x, k, strides, padding), kernel)
+    return _input_grad_by_phases(dy, kernel, x.shape, strides, padding), kernel_vjp(dy)[0]
+
+
+_strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
+
+
+def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    **kwargs,
+):
+    """`jax.lax.conv_general_dilated`; with the switch on, a strided 2-D NHWC convolution with
+    explicit padding has its input gradient computed by phases (`_input_grad_by_phases`).
+
+    Same values, same weight gradient; the input gradient equal up to float rounding. Every
+    other convolution, and every one with the switch off, goes to `jax.lax.conv_general_dilated`
+    unchanged. A `jax.custom_vjp`: forward mode through a strided convolution raises.
+    """
+    by_phases = (
+        enabled()
+        and lhs.ndim == 4
+        and max(window_strides) > 1
+        and not isinstance(padding, str)
+        and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+        and feature_group_count == 1
+        and dimension_numbers is not None
+        and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+        == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+        and all(v is None for v in kwargs.values())  # precision, preferred type, sharding
+    )
+    if by_phases:
+        pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+        return _strided_conv(lhs, rhs, tuple(int(s) for s in window_strides), pads)
+    return jax.lax.conv_general_dilated(
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation,
+        rhs_dilation,
+        dimension_numbers,
+        feature_group_count,
+        **kwargs,
+    )
+
+
+# --- pooling gradients by strided views --------------------------------------------------------
+
+
+def _strided_views(
+    x: jax.Array, window: int, stride: int, padding: int, pad_value: float, axes: tuple[int, ...]
+) -> list[jax.Array]:
+    """Returns the F^len(axes) strided views of `x` (padded with `pad_value`, P on each side of
+    `axes`) that hold, for each offset in the window, that element of every window: each view
+    has the pooled output's shape, and pooling is an elementwise reduction over them."""
+    if padding:
+        pads = [(padding, padding) if a in axes else (0, 0) for a in range(x.ndim)]
+        x = jnp.pad(x, pads, constant_values=pad_value)
+    size = {a: (x.shape[a] - window) // stride + 1 for a in axes}
+    views = []
+    for offsets in itertools.product(range(window), repeat=len(axes)):
+        index = [slice(None)] * x.ndim
+        for a, o in zip(axes, offsets, strict=True):
+            index[a] = slice(o, o + stride * (size[a] - 1) + 1, stride)
+        views.append(x[tuple(index)])
+    return views
+
+
+def _max_by_views(x, window, stride, padding, axes):
+    return functools.reduce(jnp.maximum, _strided_views(x, window, stride, padding, -jnp.inf, axes))
+
+
+def _mean_by_views(x, window, stride, padding, axes):
+    total = functools.reduce(jnp.add, _strided_views(x, window, stride, padding, 0.0, axes))
+    return total / window ** len(axes)
+
+
+_BY_VIEWS = {"max": _max_by_views, "mean": _mean_by_views}
+
+# reduce(x, function, window, stride, padding, axes): the plain pooling (models.layers)
+Reduce = Callable[[jax.Array, str, int, int, int, tuple[int, ...]], jax.Array]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 2, 3, 4, 5, 6))
+def _window_pool(reduce, x, function, window, stride, padding, axes):
+    return reduce(x, function, window, stride, padding, axes)
+
+
+def _window_pool_fwd(reduce, x, function, window, stride, padding, axes):
+    return jax.vjp(lambda x: _BY_VIEWS[function](x, window, stride, padding, axes), x)
+
+
+def _window_pool_bwd(reduce, function, window, stride, padding, axes, vjp, cotangent):
+    return vjp(cotangent)
+
+
+_window_pool.defvjp(_window_pool_fwd, _window_pool_bwd)
+
+
+def window_pool(
+    reduce: Reduce,
+    x: jax.Array,
+    function: str,
+    window: int,
+    stride: int,
+    padding: int,
+    axes: tuple[int, ...],
+) -> jax.Array:
+    """Returns `reduce(x, function, window, stride, padding, axes)` (the plain pooling, whose
+    value is kept), differentiated as the same pooling (function max|mean over `axes`) on
+    strided views. A `jax.custom_vjp`: forward mode raises. The caller asks `enabled()`."""
+    return _window_pool(reduce, x, function, window, stride, padding, axes)
