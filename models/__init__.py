@@ -22,8 +22,9 @@ from flax import nnx
 
 from errors import UserError
 from models import allconv, convnet, layers, resnet
+from models.checks import require_choice
 from models.network import Network, capture_activations
-from models.shapes import LayerSpec, ShapeError, require_choice
+from models.shapes import LayerSpec, ShapeError
 
 __all__ = [
     "FAMILIES",

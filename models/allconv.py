@@ -20,15 +20,15 @@ from collections.abc import Sequence
 import ml_collections
 
 from models import layers
-from models.shapes import (
-    Builder,
-    LayerSpec,
+from models.builder import Builder
+from models.checks import (
     require_choice,
     require_int,
     require_ints,
     require_pool_window,
     require_rate,
 )
+from models.shapes import LayerSpec
 
 VARIANTS = ("base", "strided", "convpool", "allcnn")
 

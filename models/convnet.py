@@ -16,15 +16,15 @@ import ml_collections
 
 from errors import UserError
 from models import layers
-from models.shapes import (
-    Builder,
-    LayerSpec,
+from models.builder import Builder
+from models.checks import (
     require_choice,
     require_int,
     require_ints,
     require_pool_window,
     require_rate,
 )
+from models.shapes import LayerSpec
 
 DEFAULTS = {
     "widths": (16, 32, 32),  # K of each conv layer, in order (conv1, conv2, ...)

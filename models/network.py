@@ -2,8 +2,9 @@
 
 A family (convnet.py, allconv.py, resnet.py) only writes down its layers as specs; this
 module turns each spec into one layer and runs them in order, so the parameters, shapes and
-summary of a model are those of its specs by construction. Residual connections are specs
-that read earlier layers by name (`LayerSpec.inputs`).
+summary of a model are those of its specs by construction. What a spec's layer is and how it
+runs is its kind's (`models.kinds.KINDS[spec.kind]`: `module` and `apply`). Residual
+connections are specs that read earlier layers by name (`LayerSpec.inputs`).
 """
 
 from __future__ import annotations
@@ -14,46 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models import layers
+from models.kinds import KINDS
 from models.shapes import INPUT, LayerSpec
-
-# Kinds whose layer holds parameters or state; the others are plain functions of the input.
-_MODULE_KINDS = ("conv", "local", "dense", "norm", "dropout")
-
-
-def _build(spec: LayerSpec, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Module:
-    """Returns the module that computes `spec` (a kind listed in _MODULE_KINDS)."""
-    if spec.kind == "conv":
-        return layers.conv(
-            spec.in_shape[-1],
-            spec.out_shape[-1],
-            spec.kernel_size,
-            spec.stride,
-            spec.padding,
-            use_bias=spec.use_bias,
-            dtype=dtype,
-            rngs=rngs,
-        )
-    if spec.kind == "local":
-        return layers.LocallyConnected(
-            spec.in_shape,
-            spec.out_shape,
-            spec.kernel_size,
-            spec.stride,
-            spec.padding,
-            use_bias=spec.use_bias,
-            dtype=dtype,
-            rngs=rngs,
-        )
-    if spec.kind == "dense":
-        return layers.dense(
-            spec.in_shape[0], spec.out_shape[0], use_bias=spec.use_bias, dtype=dtype, rngs=rngs
-        )
-    if spec.kind == "norm":
-        return layers.norm(spec.function, spec.out_shape[-1], dtype=dtype, rngs=rngs)
-    if spec.kind == "dropout":
-        return nnx.Dropout(spec.rate)
-    raise ValueError(f"layer {spec.name!r}: kind {spec.kind!r} has no module")
 
 
 class Network(nnx.Module):
@@ -72,9 +35,9 @@ class Network(nnx.Module):
         self.dtype = jnp.dtype(dtype)
         self.layers = nnx.Dict(
             {
-                spec.name: _build(spec, self.dtype, rngs)
+                spec.name: module
                 for spec in self.specs
-                if spec.kind in _MODULE_KINDS
+                if (module := KINDS[spec.kind].module(spec, self.dtype, rngs)) is not None
             }
         )
         # The layer that computes the class scores starts at zero (big_vision's
@@ -82,41 +45,7 @@ class Network(nnx.Module):
         # head, ReLU + max-pooling stacks without BatchNorm start at 2-3x that loss and plain
         # SGD stalls on them (measured: pooled_max on the built-in data stuck at chance).
         last = self.specs[-1]
-        if last.kind == "dense":
-            kernel = self.layers[last.name].kernel
-            kernel[...] = jnp.zeros_like(kernel[...])
-
-    def _apply(
-        self, spec: LayerSpec, inputs: list[jax.Array], train: bool, rngs: nnx.Rngs | None
-    ) -> jax.Array:
-        x = inputs[0]
-        match spec.kind:
-            case "conv" | "local" | "dense":
-                return self.layers[spec.name](x)
-            case "norm" if spec.function == "batch":
-                return self.layers[spec.name](x, use_running_average=not train)
-            case "norm":
-                return self.layers[spec.name](x)
-            case "dropout":
-                if train and rngs is None:
-                    raise ValueError(
-                        f"layer '{spec.name}' drops out in training: pass "
-                        "rngs=nnx.Rngs(dropout=key)"
-                    )
-                return self.layers[spec.name](x, deterministic=not train, rngs=rngs)
-            case "act":
-                return layers.ACTIVATIONS[spec.function](x)
-            case "pool":
-                return layers.pool(x, spec.function, spec.kernel_size, spec.stride, spec.padding)
-            case "global_pool":
-                return layers.global_avg_pool(x)
-            case "flatten":
-                return x.reshape(x.shape[0], -1)
-            case "shortcut":
-                return layers.zero_pad_shortcut(x, spec.out_shape[-1], spec.stride)
-            case "add":
-                return inputs[0] + inputs[1]
-        raise ValueError(f"layer {spec.name!r}: unknown kind {spec.kind!r}")
+        KINDS[last.kind].init_scores(self.layers.get(last.name))
 
     def __call__(
         self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None
@@ -128,7 +57,8 @@ class Network(nnx.Module):
         capturing = hasattr(self, "__captures__")
         for spec in self.specs:
             inputs = [outputs[name] for name in spec.inputs] if spec.inputs else [y]
-            y = self._apply(spec, inputs, train, rngs)
+            layer = self.layers.get(spec.name)
+            y = KINDS[spec.kind].apply(spec, layer, inputs, train=train, rngs=rngs)
             if capturing:
                 self.sow(nnx.Intermediate, spec.name, y)
             outputs[spec.name] = y

@@ -22,14 +22,14 @@ import ml_collections
 
 from errors import UserError
 from models import layers
-from models.shapes import (
-    Builder,
-    LayerSpec,
+from models.builder import Builder
+from models.checks import (
     require_choice,
     require_int,
     require_ints,
     require_rate,
 )
+from models.shapes import LayerSpec
 
 BLOCKS = ("basic", "preact")
 # Weighted layers outside the residual blocks: the first conv and the FC layer (He et al.);

@@ -1,7 +1,8 @@
 """The architecture summary: every layer's kernel F, stride S, padding P, shapes, weights,
 biases, FLOPs and receptive field, with totals; as a text table or as JSON.
 
-All numbers come from the specs (`models.architecture`), i.e. from `models.shapes`.
+All numbers come from the specs (`models.architecture`), i.e. from `models.shapes`; each
+row's kind label and note from the layer's kind (`models.kinds`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import jax
 from flax import nnx
 
+from models.kinds import KINDS
 from models.shapes import LayerSpec
 
 _COLUMNS = (
@@ -44,33 +46,12 @@ def _shape(shape: Sequence[int]) -> str:
     return "x".join(str(d) for d in shape)
 
 
-def _kind(spec: LayerSpec) -> str:
-    if spec.kind == "dropout":
-        return f"dropout {spec.rate:g}"
-    if spec.kind == "shortcut":
-        return "shortcut A"
-    return f"{spec.kind} {spec.function}" if spec.function else spec.kind
-
-
-def _note(spec: LayerSpec) -> str:
-    if spec.kind == "local":
-        return f"shared conv: {spec.shared_params:,} params (sharing saves {_saving(spec)})"
-    if spec.batch_stats:
-        return f"+{spec.batch_stats:,} running stats"
-    if spec.inputs:
-        return "from " + " + ".join(spec.inputs)
-    return ""
-
-
-def _saving(spec: LayerSpec) -> str:
-    return f"{spec.params - spec.shared_params:,}, {spec.params / spec.shared_params:,.0f}x"
-
-
 def _row(spec: LayerSpec) -> dict[str, str]:
-    window = spec.kind in ("conv", "local", "pool", "shortcut")
+    kind = KINDS[spec.kind]
+    window = kind.has_window
     return {
         "layer": spec.name,
-        "kind": _kind(spec),
+        "kind": kind.label(spec),
         "F": str(spec.kernel_size) if window else "",
         "S": str(spec.stride) if window else "",
         "P": str(spec.padding) if window else "",
@@ -80,7 +61,7 @@ def _row(spec: LayerSpec) -> dict[str, str]:
         "biases": f"{spec.biases:,}",
         "FLOPs": f"{spec.flops:,}",
         "RF": str(spec.receptive_field),
-        "note": _note(spec),
+        "note": kind.note(spec),
     }
 
 
@@ -117,7 +98,7 @@ def format_table(specs: Sequence[LayerSpec]) -> str:
     ]
     if t["batch_stats"]:
         lines.append(f"BatchNorm running statistics (state, not trained): {t['batch_stats']:,}")
-    local = [s for s in specs if s.kind == "local"]
+    local = [s for s in specs if s.shared_params]  # the locally connected layers
     if local:
         unshared = sum(s.params for s in local)
         shared = sum(s.shared_params for s in local)

@@ -1,4 +1,5 @@
-"""The layer formulas (models.shapes) against the real Flax layers, and the errors they raise.
+"""The layer formulas (models.shapes) against the real Flax layers, and the errors they raise;
+the layer kinds (models.kinds): every kind built, run, summarised and translated to torch.
 
 Real shapes come from `jax.eval_shape` on abstract modules (`nnx.eval_shape`): the layers'
 own shape rules, without drawing parameters or compiling anything.
@@ -6,14 +7,16 @@ own shape rules, without drawing parameters or compiling anything.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from errors import UserError
-from models import network, shapes
-from models.shapes import Builder, ShapeError
+from models import kinds, network, shapes, summary
+from models.builder import Builder
+from models.shapes import ShapeError
 from models.summary import count_params
 
 _SETTINGS = settings(max_examples=30, deadline=None)
@@ -144,3 +147,68 @@ def test_residual_shapes_must_match():
     b.conv("b", 8, 3, 1, 1)
     with pytest.raises(UserError, match="layer 'add' adds 'b'"):
         b.add("add", "b", first)
+
+
+# --- the layer kinds (models/kinds.py) --------------------------------------------------------
+
+
+def _every_kind():
+    """A small network with one layer (or more) of every kind."""
+    b = Builder((8, 8, 3))
+    b.conv("conv", 4, 3, 1, 1)
+    b.norm("batch_norm", "batch")
+    block_in = b.act("relu", "relu")
+    b.conv("local", 8, 3, 2, 1, weight_sharing=False)  # 4x4x8
+    residual = b.norm("layer_norm", "layer")
+    shortcut = b.shortcut("shortcut", 8, 2, source=block_in)
+    b.add("add", residual, shortcut)
+    b.pool("max", "max", 2, 1, 0)  # 3x3x8
+    b.pool("depth", "depth", 2, 2, 0)  # 3x3x4
+    b.pool("l2", "l2", 2, 1, 1)  # 4x4x4
+    pooled = b.pool("avg", "avg", 2, 2, 0)  # 2x2x4
+    b.dropout("dropout", 0.5)
+    b.flatten("flatten")
+    dense = b.dense("hidden", 4)
+    b.add("head_add", dense, b.global_avg_pool("global_pool", source=pooled))
+    b.act("tanh", "tanh")
+    b.dense("fc", 3)
+    return b.specs
+
+
+def test_every_kind_is_registered_and_its_layer_matches_its_spec():
+    specs = _every_kind()
+    assert {s.kind for s in specs} == set(kinds.KINDS)
+    for name, kind in kinds.KINDS.items():
+        assert isinstance(kind, kinds.LayerKind) and kind.kind == name
+    model = _abstract_net(specs)
+    assert _real_out_shape(model, (8, 8, 3)) == {s.name: s.out_shape for s in specs}
+    assert count_params(model) == sum(s.params for s in specs)
+    assert set(model.layers) == {s.name for s in specs if s.params or s.rate}
+    rows = {line.split()[0]: line for line in summary.format_table(specs).splitlines() if line}
+    assert "dropout 0.5" in rows["dropout"] and "shortcut A" in rows["shortcut"]
+    assert "from hidden + global_pool" in rows["head_add"]
+    assert "shared conv: 296 params" in rows["local"]
+
+
+def test_every_kind_computes_in_torch_what_it_computes_here():
+    """The torch translations (`torch_module`, `torch_apply`, `copy_to_torch`) of every kind,
+    with random parameters and statistics: the same logits in inference mode."""
+    pytest.importorskip("torch", reason="needs the bench extra: pip install -e '.[bench]'")
+    from benchmarks import torch_reference
+
+    specs = _every_kind()
+    model = network.Network(specs, rngs=nnx.Rngs(0))
+    for seed, kind in enumerate((nnx.Param, nnx.BatchStat)):
+        leaves, treedef = jax.tree.flatten(nnx.state(model, kind))
+        keys = jax.random.split(jax.random.key(seed), len(leaves))
+        random = [0.5 + jax.random.uniform(k, v.shape) for k, v in zip(keys, leaves, strict=True)]
+        nnx.update(model, jax.tree.unflatten(treedef, random))
+    params, stats = nnx.state(model, nnx.Param), nnx.state(model, nnx.BatchStat)
+    theirs = torch_reference.Network(specs)
+    torch_reference.copy_weights(theirs, nnx.to_pure_dict(params), nnx.to_pure_dict(stats))
+    assert torch_reference.count_params(theirs) == sum(s.params for s in specs)
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
+    ours = np.asarray(model(jnp.asarray(x)))
+    got = torch_reference.make_eval_step(theirs)(torch_reference.to_nchw(x)).numpy()
+    assert np.abs(ours).max() > 0.1
+    np.testing.assert_allclose(got, ours, rtol=1e-4, atol=1e-5)
