@@ -1,0 +1,282 @@
+"""oneDNN convolutions through XLA's FFI (models/onednn.py, csrc/onednn_conv.cc): the three
+passes equal `lax.conv_general_dilated` and its gradients in every memory layout, `conv` under
+jit and grad with any per-pass plan, the switch, and the fallback when the extension is
+missing (the loader pointed at nothing)."""
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import onednn
+
+ROOT = Path(__file__).resolve().parent.parent
+X86_LINUX = sys.platform == "linux" and platform.machine() == "x86_64"
+
+
+def _extension_or_skip():
+    """Skips only where the extension cannot exist: not x86-64 Linux, or no C++ compiler to
+    have built it. Anywhere else a missing extension is a failure."""
+    if not X86_LINUX:
+        pytest.skip(f"the oneDNN extension is built for x86-64 Linux only ({platform.machine()})")
+    if not onednn.available() and shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip(f"no C++ compiler, so no extension: {onednn.unavailable_reason()}")
+    assert onednn.available(), onednn.unavailable_reason()
+
+
+@pytest.fixture
+def extension():
+    _extension_or_skip()
+
+
+def _array(shape, seed):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def _close(actual, expected, tol=2e-5):
+    expected = np.asarray(expected)
+    scale = max(float(np.abs(expected).max()), 1.0)
+    np.testing.assert_allclose(np.asarray(actual), expected, rtol=tol, atol=tol * scale)
+
+
+# (batch, height, width, depth, filters, kernel, strides, padding): strides 1-3, kernels 1/3/5,
+# symmetric, asymmetric and zero paddings, odd sizes, 1 and 3 input channels
+CASES = [
+    (2, 7, 9, 1, 4, 3, (1, 1), ((1, 1), (1, 1))),
+    (3, 11, 5, 3, 5, 3, (2, 2), ((1, 1), (1, 1))),
+    (2, 13, 13, 3, 8, 5, (3, 3), ((2, 2), (2, 2))),
+    (1, 9, 10, 1, 3, 5, (1, 2), ((0, 2), (1, 0))),
+    (2, 8, 7, 3, 16, 1, (2, 3), ((0, 0), (0, 0))),
+    (2, 6, 6, 16, 17, 1, (1, 1), ((0, 0), (0, 0))),
+    (2, 15, 15, 16, 16, 3, (3, 1), ((2, 0), (0, 1))),
+    (4, 10, 10, 32, 24, 3, (2, 2), ((0, 1), (0, 1))),
+    (2, 12, 11, 8, 32, 5, (2, 1), ((2, 1), (1, 2))),
+    (1, 5, 5, 3, 2, 5, (1, 1), ((0, 0), (0, 0))),
+]
+IDS = [
+    f"{h}x{w}x{d}->{k}F{f}S{s[0]}{s[1]}P{p}".replace(" ", "") for _, h, w, d, k, f, s, p in CASES
+]
+
+
+def _case(case, seed=0):
+    n, h, w, d, k, f, strides, padding = case
+    x = _array((n, h, w, d), seed)
+    kernel = _array((f, f, d, k), seed + 1) / np.sqrt(f * f * d)
+    y = onednn.xla_conv(x, kernel, strides, padding)
+    dy = _array(y.shape, seed + 2)
+    return x, kernel, dy, strides, padding
+
+
+def _xla_passes(x, kernel, dy, strides, padding):
+    y, vjp = jax.vjp(lambda x, k: onednn.xla_conv(x, k, strides, padding), x, kernel)
+    return (y, *vjp(dy))
+
+
+@pytest.mark.parametrize("layout", sorted(onednn.LAYOUTS.values()))
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_passes_equal_xla(extension, case, layout):
+    x, kernel, dy, strides, padding = _case(case)
+    y, dx, dw = _xla_passes(x, kernel, dy, strides, padding)
+
+    @jax.jit
+    def passes(x, kernel, dy):
+        return (
+            onednn.forward(x, kernel, strides, padding, layout),
+            onednn.input_grad(dy, kernel, x.shape, strides, padding, layout),
+            onednn.weight_grad(x, dy, kernel.shape, strides, padding, layout),
+        )
+
+    ours = passes(x, kernel, dy)
+    for name, a, b in zip(onednn.PASSES, ours, (y, dx, dw), strict=True):
+        assert a.shape == b.shape, name
+        _close(a, b)
+
+
+PLANS = [
+    onednn.Plan(fwd=onednn.BLOCKED, dx=onednn.BLOCKED, dw=onednn.BLOCKED),
+    onednn.Plan(fwd=onednn.PLAIN, dx=onednn.WEIGHTS_ANY, dw=onednn.PLAIN),
+    onednn.Plan(fwd=None, dx=None, dw=onednn.WEIGHTS_ANY),
+    onednn.Plan(fwd=onednn.WEIGHTS_ANY, dx=None, dw=None),
+    None,  # onednn.choose: the measured plan
+]
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: "choose" if p is None else repr(p))
+@pytest.mark.parametrize("case", CASES[1:4] + CASES[7:8], ids=IDS[1:4] + IDS[7:8])
+def test_conv_under_jit_and_grad(extension, case, plan):
+    x, kernel, dy, strides, padding = _case(case, seed=3)
+
+    def loss(conv, x, kernel):
+        return jnp.vdot(conv(x, kernel, strides, padding), dy)
+
+    expected_y = onednn.xla_conv(x, kernel, strides, padding)
+    expected = jax.grad(lambda x, k: loss(onednn.xla_conv, x, k), argnums=(0, 1))(x, kernel)
+    with onednn.override_plan(plan):
+        y = jax.jit(lambda x, k: onednn.conv(x, k, strides, padding))(x, kernel)
+        grads = jax.jit(jax.grad(lambda x, k: loss(onednn.conv, x, k), argnums=(0, 1)))(x, kernel)
+        # also through value_and_grad with a kernel-only gradient, as a training step takes it
+        _, dw = jax.value_and_grad(lambda k: loss(onednn.conv, x, k))(kernel)
+    _close(y, expected_y)
+    _close(grads[0], expected[0])
+    _close(grads[1], expected[1])
+    _close(dw, expected[1])
+
+
+def _has_custom_call(fn, *args) -> bool:
+    # a fresh function each time: JAX caches traces per function, and the plan and the switch
+    # are read when tracing
+    text = str(jax.make_jaxpr(lambda *a: fn(*a))(*args))
+    return "ffi_call" in text or "custom_call" in text
+
+
+def test_plan_routes_each_pass(extension):
+    x, kernel, dy, strides, padding = _case(CASES[2])
+
+    def grads(x, k):
+        loss = lambda x, k: jnp.vdot(onednn.conv(x, k, strides, padding), dy)
+        return jax.value_and_grad(loss, (0, 1))(x, k)
+
+    with onednn.override_plan(onednn.ALL_XLA):
+        assert not _has_custom_call(grads, x, kernel)
+    for name in onednn.PASSES:
+        plan = onednn.Plan(**{name: onednn.WEIGHTS_ANY})
+        with onednn.override_plan(plan):
+            hlo = jax.jit(lambda x, k: grads(x, k)).lower(x, kernel).as_text()
+        assert onednn.TARGETS[name] in hlo
+        others = [onednn.TARGETS[n] for n in onednn.PASSES if n != name]
+        assert not any(t in hlo for t in others), name
+
+
+def test_switch_off_runs_xla(extension, monkeypatch):
+    x, kernel, _, strides, padding = _case(CASES[1])
+    conv = lambda x, k: onednn.conv(x, k, strides, padding)
+    with onednn.override_plan(onednn.Plan(onednn.PLAIN, onednn.PLAIN, onednn.PLAIN)):
+        assert _has_custom_call(conv, x, kernel)
+        monkeypatch.setenv(onednn.SWITCH_ENV, "0")
+        assert not onednn.usable()
+        assert not _has_custom_call(conv, x, kernel)
+        _close(conv(x, kernel), onednn.xla_conv(x, kernel, strides, padding))
+
+
+def test_unsupported_inputs_fall_back(extension):
+    x, kernel, _, strides, padding = _case(CASES[1])
+    with onednn.override_plan(onednn.Plan(onednn.PLAIN, onednn.PLAIN, onednn.PLAIN)):
+        for args in (
+            (x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), strides, padding),  # dtype
+            (x, kernel, strides, "SAME"),  # padding by name
+            (x, kernel, strides, ((-1, 0), (1, 1))),  # negative padding
+        ):
+            assert not _has_custom_call(lambda x, k, a=args: onednn.conv(x, k, *a[2:]), *args[:2])
+            expected = jax.lax.conv_general_dilated(
+                *args, dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+            _close(onednn.conv(*args).astype(jnp.float32), expected.astype(jnp.float32), 1e-2)
+
+
+def test_custom_fallback_gets_the_xla_passes(extension):
+    """`fallback` computes the passes the plan leaves to XLA."""
+    x, kernel, dy, strides, padding = _case(CASES[1])
+    calls = []
+
+    def fallback(x, k, strides, padding):
+        calls.append(1)
+        return onednn.xla_conv(x, k, strides, padding)
+
+    with onednn.override_plan(onednn.Plan(fwd=None, dx=None, dw=onednn.PLAIN)):
+        grads = jax.grad(
+            lambda x, k: jnp.vdot(onednn.conv(x, k, strides, padding, fallback=fallback), dy),
+            (0, 1),
+        )(x, kernel)
+    assert calls
+    _close(grads[0], _xla_passes(x, kernel, dy, strides, padding)[1])
+
+
+def test_threads_and_concurrent_calls(extension):
+    """One and two OpenMP threads give the same values; cached primitives serve calls from
+    several threads at once."""
+    x, kernel, dy, strides, padding = _case(CASES[7])
+    expected = _xla_passes(x, kernel, dy, strides, padding)[2]
+    dw = jax.jit(
+        lambda x, dy: onednn.weight_grad(x, dy, kernel.shape, strides, padding, onednn.BLOCKED)
+    )
+    try:
+        for threads in (1, 2):
+            onednn.set_threads(threads)
+            _close(dw(x, dy), expected)
+    finally:
+        onednn.set_threads(0)
+    results, errors = [], []
+
+    def worker():
+        try:
+            for _ in range(5):
+                results.append(np.asarray(dw(x, dy)))
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 20
+    for r in results:
+        _close(r, expected)
+
+
+def test_implementation_names(extension):
+    shape = onednn.Shape(8, 16, 16, 16, 16, 3, 3, (1, 1), ((1, 1), (1, 1)))
+    assert onednn.version().startswith("3.")
+    for name in onednn.PASSES:
+        impl = onednn.implementation(shape, name, onednn.BLOCKED)
+        assert impl and "ref" not in impl.split()[0], (name, impl)
+
+
+def test_missing_extension_falls_back(monkeypatch):
+    """The loader pointed at nothing: available() is False with a reason, and conv is XLA's,
+    same values and gradients."""
+    monkeypatch.setenv(onednn.LIBRARY_ENV, str(ROOT / "no_such_dir" / "_onednn_conv.so"))
+    onednn._reset_for_tests()
+    try:
+        assert not onednn.available()
+        assert "no_such_dir" in onednn.unavailable_reason()
+        assert not onednn.usable()
+        x, kernel, dy, strides, padding = _case(CASES[2])
+        conv = lambda x, k: onednn.conv(x, k, strides, padding)
+        assert not _has_custom_call(conv, x, kernel)
+        y, vjp = jax.vjp(conv, x, kernel)
+        expected = _xla_passes(x, kernel, dy, strides, padding)
+        for a, b in zip((y, *vjp(dy)), expected, strict=True):
+            _close(a, b)
+    finally:
+        monkeypatch.delenv(onednn.LIBRARY_ENV)
+        onednn._reset_for_tests()
+
+
+def test_missing_extension_in_a_fresh_process():
+    """A process whose loader finds nothing logs one line and computes XLA's values."""
+    code = (
+        "import jax, jax.numpy as jnp; from models import onednn\n"
+        "x = jnp.ones((2, 6, 6, 3)); k = jnp.ones((3, 3, 3, 4))\n"
+        "y = onednn.conv(x, k, (1, 1), ((1, 1), (1, 1)))\n"
+        "y = onednn.conv(x, k, (2, 2), ((1, 1), (1, 1)))\n"
+        "print(onednn.available(), float(y.sum()))\n"
+    )
+    env = dict(os.environ, **{onednn.LIBRARY_ENV: "/nonexistent/_onednn_conv.so"})
+    env["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    expected = onednn.xla_conv(
+        jnp.ones((2, 6, 6, 3)), jnp.ones((3, 3, 3, 4)), (2, 2), ((1,) * 2,) * 2
+    )
+    assert out.stdout.split() == ["False", str(float(expected.sum()))]
+    assert out.stderr.count("oneDNN convolutions off") == 1, out.stderr
