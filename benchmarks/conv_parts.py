@@ -188,9 +188,7 @@ def serve_jax(convs: Sequence[Conv], batch: int) -> tuple[dict, dict]:
     """Compiles the three passes of every convolution; returns (report, handlers)."""
     from training import runtime
 
-    if not flags.FLAGS.project_flags:
-        runtime.DEFAULT_XLA_FLAGS = {}
-    runtime.configure_jax()
+    runtime.configure_jax(project_flags=flags.FLAGS.project_flags)
     programs = {}
     for conv in convs:
         for name, run in jax_passes(conv, *make_inputs(conv, batch)).items():
