@@ -126,6 +126,9 @@ def test_project_xla_flags_are_added_without_overriding_the_users(monkeypatch):
         assert runtime.configure_xla_flags() == f"--xla_force_host_platform_device_count=2 {own}"
     monkeypatch.delenv("XLA_FLAGS")
     assert runtime.configure_xla_flags(platform="tpu") == ""  # none measured there: none set
+    # a benchmark's before/after comparison of the flags leaves $XLA_FLAGS as the user set it
+    assert runtime.configure_xla_flags(project_flags=False) == ""
+    assert runtime.DEFAULT_XLA_FLAGS["cpu"] == (flag,)  # the switch is a parameter, not a global
 
 
 # --- the convolution passes (benchmarks/conv_parts.py) -----------------------------------------
