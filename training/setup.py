@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -60,6 +61,7 @@ class Setup:
     compile_seconds: float
     workdir: Path | None = None
     checkpoints: ckpt_lib.Checkpoints | None = None
+    lock: workdir_lib.WorkdirLock | None = None  # held by process 0 of a training run
 
     @property
     def batch_sharding(self) -> NamedSharding:
@@ -120,8 +122,20 @@ def setup(
         runtime.maybe_initialize_distributed(config.distributed)
     info, specs = schema.validate(config)
     check_batch_sizes(config)
+    lock = None
     if workdir is not None:
-        workdir = workdir_lib.prepare(config, workdir)
+        workdir, lock = workdir_lib.prepare(config, workdir, lock=jax.process_index() == 0)
+    try:
+        s = _build(config, info, specs, workdir, restore, steps, init_compiler_options)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    s.lock = lock
+    return s
+
+
+def _build(config, info, specs, workdir, restore, steps, init_compiler_options) -> Setup:
     mesh = runtime.make_mesh()
     start = time.perf_counter()
     splits = data.load(
@@ -139,11 +153,14 @@ def setup(
         if checkpoints.latest_step() is not None:
             restore = checkpoints.restore
     start = time.perf_counter()
-    step, meta = 0, {}
+    step, meta, state = 0, {}, None
     if restore is not None:  # no initial state to compute
         graphdef, abstract = state_lib.abstract_train_state(config, info, mesh)
-        step, state, meta = restore(abstract)
-    else:
+        try:
+            step, state, meta = restore(abstract)
+        except ckpt_lib.NoReadableCheckpoint as e:  # every checkpoint damaged: start afresh
+            logging.warning("%s; starting from step 0", e)
+    if state is None:
         graphdef, state = state_lib.create_train_state(
             config, info, mesh, compiler_options=init_compiler_options
         )
