@@ -32,9 +32,16 @@ def main(argv):
         raise app.UsageError("both --config and --workdir are required")
     try:
         results = loop.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-    except loop.Preempted as e:
+    except loop.Preempted as e:  # SIGTERM or Ctrl-C: the checkpoint is saved
         logging.warning("%s", e)
-        sys.exit(143)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C before the loop, or twice
+        print(
+            "error: interrupted (Ctrl-C) before a checkpoint was saved; rerun the same command "
+            "to resume from the last one",
+            file=sys.stderr,
+        )
+        sys.exit(130)
     except UserError as e:
         sys.exit(f"error: {e}")
     print(json.dumps({k: results[k] for k in ("model", "test_accuracy", "params", "images_per_s")}))

@@ -34,14 +34,16 @@ class Diverged(UserError):
 
 
 class Preempted(Exception):
-    """SIGTERM arrived; the checkpoint of `step` is saved."""
+    """SIGTERM (a cluster's preemption) or SIGINT (Ctrl-C) arrived; the checkpoint of `step` is
+    saved. `exit_code`: the shell's convention for the signal (143, 130)."""
 
-    def __init__(self, step: int):
+    def __init__(self, step: int, signum: int = signal.SIGTERM):
+        name = "SIGINT (Ctrl-C)" if signum == signal.SIGINT else signal.Signals(signum).name
         super().__init__(
-            f"stopped by SIGTERM after saving the checkpoint of step {step}; "
+            f"stopped by {name} after saving the checkpoint of step {step}; "
             "rerun the same command to resume"
         )
-        self.step = step
+        self.step, self.signum, self.exit_code = step, signum, 128 + signum
 
 
 def itstime(step: int, every: int, total: int) -> bool:
@@ -71,21 +73,31 @@ class LoopRecord:
 
 
 class Preemption:
-    """Turns SIGTERM into a flag the loop checks, so it can save a checkpoint and exit."""
+    """Turns SIGTERM and SIGINT (Ctrl-C) into a flag the loop checks, so it can save a
+    checkpoint and exit. A second Ctrl-C interrupts at once (KeyboardInterrupt), unsaved."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
+        self.requested: int | None = None  # the signal that arrived
+        self._previous = {}
         try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
         except ValueError:  # not the main thread: leave signals alone
-            self._previous = None
+            self._previous = {}
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if signum == signal.SIGINT and self.requested == signal.SIGINT:
+            raise KeyboardInterrupt  # pressed twice: stop now
+        self.requested = signum
+        if signum == signal.SIGINT:
+            logging.warning("Ctrl-C: saving a checkpoint, then stopping (Ctrl-C again: now)")
 
     def restore(self):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
 
 class TrainLog:
@@ -114,12 +126,17 @@ class TrainLog:
         for s, v in zip(steps, values, strict=True):
             if v["nonfinite"]:
                 if t.on_nonfinite_loss == "stop":
+                    where = (
+                        f"The last good checkpoint is step {last_saved} in "
+                        f"{self.s.workdir / 'checkpoints'}; to change the config, use a new "
+                        "--workdir"
+                        if last_saved
+                        else "No checkpoint was saved, so this workdir takes a changed config"
+                    )
                     raise Diverged(
-                        f"the loss became {v['loss']} at step {s}; training stopped. The last "
-                        f"good checkpoint is step {last_saved} in "
-                        f"{self.s.workdir / 'checkpoints'}. Lower optimizer.learning_rate, add "
-                        "schedule.warmup_steps or optimizer.grad_clip_norm, or set "
-                        "training.on_nonfinite_loss=skip."
+                        f"the loss became {v['loss']} at step {s}; training stopped. {where}: "
+                        "lower optimizer.learning_rate, add schedule.warmup_steps or "
+                        "optimizer.grad_clip_norm, or set training.on_nonfinite_loss=skip."
                     )
                 self.record.skipped_updates += 1
         now = time.perf_counter()
@@ -143,8 +160,18 @@ class TrainLog:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Trains and evaluates the configured model; returns the results also written to
-    results.json. Resumes from the latest checkpoint in `workdir` when there is one."""
+    results.json. Resumes from the latest checkpoint in `workdir` when there is one. The
+    workdir is locked for this run (another run there gets one line naming this one)."""
     s = setup(config, workdir=workdir)
+    try:
+        return _train(s)
+    finally:
+        if s.lock is not None:
+            s.lock.release()
+
+
+def _train(s: Setup) -> dict:
+    config = s.config
     if s.step:
         logging.info("resuming from the checkpoint of step %d", s.step)
     logging.info("compiled the train and eval steps in %.1f s", s.compile_seconds)
@@ -185,12 +212,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 s.checkpoints.save(step, state, record.to_meta(), best=is_best)
                 last_saved = step
             if stopping and step < t.num_steps:
-                raise Preempted(step)
+                raise Preempted(step, stopping)
     except BaseException:
         _close_after_error(s, writer, progress)
         raise
     finally:
-        preemption.restore()
+        preemption.restore()  # from here on, Ctrl-C interrupts at once
     progress.close()
     return finish(s, state, step, record, final_eval, writer)
 
@@ -205,19 +232,31 @@ def _close_after_error(s: Setup, writer, progress) -> None:
     progress.close()
 
 
+def _best_state(s: Setup, state, record: LoopRecord):
+    """The best checkpoint's state; when its own copy is missing or unreadable (a full disk
+    while copying it, a damaged file), the same step among the latest checkpoints."""
+    try:
+        return s.checkpoints.restore(abstract_like(state), "best")[1]
+    except UserError as e:
+        if record.best["step"] not in s.checkpoints.latest.all_steps():
+            raise
+        logging.warning("%s; reading the best step from checkpoints/ instead", e)
+        return s.checkpoints.restore(abstract_like(state), record.best["step"])[1]
+
+
 def finish(s: Setup, state, step: int, record: LoopRecord, final_eval, writer) -> dict:
     """Evaluates the final and the best state on the test split; returns the results and
     writes them to results.json (and the final test record to metrics.jsonl)."""
     config = s.config
     s.checkpoints.wait()
+    split = config.dataset.eval_split
     if final_eval is None:  # killed after the last checkpoint, before results.json
         final_eval = s.evaluate(state, s.eval_split())
-    final_test = s.evaluate(state, s.splits.test)
-    _, best_state, _ = s.checkpoints.restore(abstract_like(state), "best")
+    final_test = final_eval if split == "test" else s.evaluate(state, s.splits.test)
+    best_state = _best_state(s, state, record)
     best_test = s.evaluate(best_state, s.splits.test)
     s.checkpoints.close()
     summary = model_summary.to_json(s.specs)
-    split = config.dataset.eval_split
     results = {
         "model": config.model.name,
         "dataset": config.dataset.name,
@@ -238,8 +277,16 @@ def finish(s: Setup, state, step: int, record: LoopRecord, final_eval, writer) -
         "compile_seconds": s.compile_seconds,
         "skipped_updates": record.skipped_updates,
     }
+    # when eval_split is 'test', the last periodic evaluation already wrote this record
     writer.write({"step": step, "split": "test", **final_test, "wall_time": time.time()})
     writer.close()
+    if record.skipped_updates:
+        logging.warning(
+            "skipped %d of %d updates for a non-finite loss (training.on_nonfinite_loss=skip); "
+            "the results come from the others",
+            record.skipped_updates,
+            step,
+        )
     if jax.process_index() == 0:
         (s.workdir / "results.json").write_text(json.dumps(results, indent=2))
     return results

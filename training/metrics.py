@@ -20,36 +20,68 @@ class MetricsWriter:
         self.enabled = enabled
         self.path = Path(workdir) / "metrics.jsonl"
         self._tb = None
+        self._written: set[tuple[int, str]] = set()
         if enabled:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"), flush_secs=30)
 
     def truncate_after(self, step: int) -> None:
-        """Drops records logged after `step`: a resumed run logs them again."""
+        """Drops records logged after `step` (a resumed run logs them again) and lines that are
+        not whole records (a run killed mid-write); remembers what is kept, so that a record
+        of a (step, split) already written is not written twice."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step
-        ]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [r for r in read_records(self.path) if r["step"] <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self._written = {(r["step"], r.get("split")) for r in kept}
 
     def write(self, record: dict) -> None:
-        """Writes `record` (must hold 'step' and 'split'; numbers go to TensorBoard too)."""
+        """Writes `record` (must hold 'step' and 'split'; numbers go to TensorBoard too), unless
+        a record of the same step and split is already there (written before a resume)."""
         if not self.enabled:
             return
+        key = (record["step"], record["split"])
+        if key in self._written:
+            return
+        self._written.add(key)
         record = {k: _jsonable(v) for k, v in record.items()}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         for key, value in record.items():
             if key not in ("step", "split") and isinstance(value, (int, float)):
                 self._tb.add_scalar(f"{record['split']}/{key}", value, record["step"])
+        self._tb.flush()  # a run killed later keeps what it logged in its event file
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """Returns the records of a metrics.jsonl, dropping (with one warning) lines that are not
+    whole records: the last line of a run killed while writing it, or a hand-edited line."""
+    records, dropped = [], []
+    for number, line in enumerate(Path(path).read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        else:
+            dropped.append(number)
+    if dropped:
+        logging.warning(
+            "%s: dropped %d line(s) that are not whole records (line %s): a run killed while "
+            "writing, or a hand edit",
+            path,
+            len(dropped),
+            ", ".join(map(str, dropped[:5])),
+        )
+    return records
 
 
 def _jsonable(value):
