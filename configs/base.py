@@ -11,7 +11,9 @@ import models
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Returns the base config; `arg` names a model preset (see `models.PRESETS`)."""
     c = ml_collections.ConfigDict()
-    c.seed = 0
+    # Free fields, checked only when used: dataset.data_dir (when the data is read), the
+    # booleans (any value is valid), model fields a family does not use (see models/).
+    c.seed = 0  # >= 0: initialisation, shuffling, augmentation and dropout all derive from it
 
     # --- data (data/) ---------------------------------------------------------------------
     c.dataset = ml_collections.ConfigDict()
@@ -63,6 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # --- training (train.py) ------------------------------------------------------------------
     c.training = ml_collections.ConfigDict()
     c.training.batch_size = 128  # global batch: per-device batch x number of devices
+    # a schedule.warmup_steps not shorter than this is capped at half of it (one warning line)
     c.training.num_steps = 1_500
     c.training.label_smoothing = 0.0
     c.training.eval_every_steps = 500
@@ -78,7 +81,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # auto: initialize when the environment names a cluster (SLURM, TPU pod, or the
     # JAX_COORDINATOR_ADDRESS variable); on: always; off: never.
     c.distributed.initialize = "auto"
-    c.distributed.coordinator_address = ""
-    c.distributed.num_processes = 0
-    c.distributed.process_id = -1
+    c.distributed.coordinator_address = ""  # host:port of process 0; '' from the cluster
+    c.distributed.num_processes = 0  # 0: from the cluster
+    c.distributed.process_id = -1  # -1: from the cluster
+    # seconds to wait for every process to join; then the run ends with one line saying so
+    c.distributed.initialization_timeout = 300
     return c

@@ -42,7 +42,10 @@ def validate(config: ml_collections.ConfigDict):
     import models
 
     d, o, s, t = config.dataset, config.optimizer, config.schedule, config.training
+    _require(config.seed >= 0, "seed", "must be >= 0")
     _require(d.validation_size >= 0, "dataset.validation_size", "must be >= 0")
+    for field in ("builtin_train_size", "builtin_test_size"):
+        _require(d[field] > 0, f"dataset.{field}", "must be > 0")
     _choice(config, "dataset.eval_split", EVAL_SPLITS)
     _require(
         d.eval_split != "validation" or d.validation_size > 0,
@@ -56,10 +59,13 @@ def validate(config: ml_collections.ConfigDict):
     _choice(config, "optimizer.name", OPTIMIZERS)
     _require(o.learning_rate > 0, "optimizer.learning_rate", "must be > 0")
     _require(0 <= o.momentum < 1, "optimizer.momentum", "must be in [0, 1)")
+    for field in ("b1", "b2"):
+        _require(0 <= o[field] < 1, f"optimizer.{field}", "must be in [0, 1)")
     _require(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
     _require(o.grad_clip_norm >= 0, "optimizer.grad_clip_norm", "must be >= 0 (0 turns it off)")
 
     _choice(config, "schedule.name", SCHEDULES)
+    cap_warmup(config)
     _require(
         0 <= s.warmup_steps < t.num_steps,
         "schedule.warmup_steps",
@@ -68,7 +74,8 @@ def validate(config: ml_collections.ConfigDict):
     _require(0 < s.decay_factor <= 1, "schedule.decay_factor", "must be in (0, 1]")
     fractions = list(s.decay_fractions)
     _require(
-        all(0 < f < 1 for f in fractions) and fractions == sorted(fractions),
+        all(isinstance(f, int | float) and 0 < f < 1 for f in fractions)
+        and fractions == sorted(fractions),
         "schedule.decay_fractions",
         f"{tuple(fractions)} must be increasing fractions of training.num_steps in (0, 1)",
     )
@@ -81,7 +88,29 @@ def validate(config: ml_collections.ConfigDict):
     _choice(config, "training.on_nonfinite_loss", NONFINITE_POLICIES)
     _choice(config, "training.progress", PROGRESS)
     _choice(config, "distributed.initialize", DISTRIBUTED)
+    from training import runtime  # deferred: keeps `--helpfull` fast
+
+    runtime.check_distributed(config.distributed)
     return info, specs
+
+
+def cap_warmup(config: ml_collections.ConfigDict, *, quiet: bool = False) -> None:
+    """A warm-up that would not end before training does (e.g. `training.num_steps=30` on a
+    config with 30 warm-up steps) is capped at half the run, with one warning line: the config
+    saved in the workdir holds the capped value."""
+    s, t = config.schedule, config.training
+    if t.num_steps > 1 and s.warmup_steps >= t.num_steps:
+        capped = t.num_steps // 2
+        from absl import logging
+
+        (logging.info if quiet else logging.warning)(
+            "schedule.warmup_steps=%d is not shorter than training.num_steps=%d: warm-up "
+            "capped at %d steps (half the run)",
+            s.warmup_steps,
+            t.num_steps,
+            capped,
+        )
+        s.warmup_steps = capped
 
 
 def _unknown_override(argv: Sequence[str]) -> str:

@@ -43,7 +43,7 @@ def test_config_files_change_only_what_differs():
         ("optimizer.learning_rate", -0.1, "config.optimizer.learning_rate"),
         ("schedule.name", "exp", "config.schedule.name"),
         ("schedule.decay_fractions", (0.75, 0.5), "config.schedule.decay_fractions"),
-        ("schedule.warmup_steps", 10**9, "config.schedule.warmup_steps"),
+        ("schedule.warmup_steps", -1, "config.schedule.warmup_steps"),
         ("training.batch_size", 0, "config.training.batch_size"),
         ("training.on_nonfinite_loss", "ignore", "config.training.on_nonfinite_loss"),
         ("dataset.eval_split", "validation", "needs dataset.validation_size > 0"),

@@ -2,6 +2,8 @@
 
 import os
 import subprocess
+import sys
+import threading
 from pathlib import Path
 
 from absl import logging
@@ -74,19 +76,73 @@ def configure_jax(platform: str = "cpu", *, project_flags: bool = True) -> None:
     configure_compilation_cache()
 
 
+_CLUSTER_VARIABLES = (
+    "JAX_COORDINATOR_ADDRESS",
+    "SLURM_JOB_ID",
+    "TPU_WORKER_HOSTNAMES",
+    "MEGASCALE_COORDINATOR_ADDRESS",
+)
+
+
+def _cluster_detected() -> bool:
+    """Whether the environment names a cluster JAX can read the coordinator address from."""
+    return any(v in os.environ for v in _CLUSTER_VARIABLES)
+
+
 def _cluster_environment() -> bool:
     return (
-        any(
-            v in os.environ
-            for v in (
-                "JAX_COORDINATOR_ADDRESS",
-                "SLURM_JOB_ID",
-                "TPU_WORKER_HOSTNAMES",
-                "MEGASCALE_COORDINATOR_ADDRESS",
-            )
-        )
+        _cluster_detected()
         and int(os.environ.get("SLURM_NTASKS", os.environ.get("JAX_NUM_PROCESSES", "2"))) > 1
     )
+
+
+def check_distributed(dist_cfg) -> None:
+    """Raises UserError naming the field when the multi-host settings cannot work."""
+    from errors import UserError
+
+    d = dist_cfg
+    if d.num_processes < 0:
+        raise UserError("config.distributed.num_processes: must be >= 0 (0: from the cluster)")
+    if d.process_id < -1 or (d.num_processes and d.process_id >= d.num_processes):
+        raise UserError(
+            f"config.distributed.process_id: {d.process_id} must be -1 (from the cluster) or in "
+            f"[0, num_processes={d.num_processes or '?'})"
+        )
+    if d.initialization_timeout <= 0:
+        raise UserError("config.distributed.initialization_timeout: must be > 0 seconds")
+    address = d.coordinator_address
+    host, _, port = address.rpartition(":")
+    if address and not (host and port.isdigit()):
+        raise UserError(
+            f"config.distributed.coordinator_address: {address!r} is not host:port (process "
+            "0's address and a free port, e.g. 10.0.0.1:1234)"
+        )
+    if d.initialize == "on" and not address and not _cluster_detected():
+        raise UserError(
+            "config.distributed.initialize='on' needs config.distributed.coordinator_address "
+            "(host:port of process 0) with num_processes and process_id, or a cluster "
+            "environment that names them (SLURM, a TPU pod, $JAX_COORDINATOR_ADDRESS)."
+        )
+
+
+def _watchdog(dist_cfg, timeout: float) -> threading.Timer:
+    """A timer that ends the process with one line when the processes have not all joined
+    within `timeout` seconds (JAX would wait on, then abort with a C++ stack trace)."""
+
+    def fire():
+        sys.stderr.write(
+            f"error: jax.distributed: not all {dist_cfg.num_processes or 'declared'} processes "
+            f"joined the coordinator {dist_cfg.coordinator_address or '(from the cluster)'} "
+            f"within {timeout:g} s (config.distributed.initialization_timeout). Start every "
+            "process with the same coordinator_address and num_processes and its own "
+            "process_id, or declare as many processes as you start.\n"
+        )
+        sys.stderr.flush()
+        os._exit(1)
+
+    timer = threading.Timer(timeout, fire)
+    timer.daemon = True
+    return timer
 
 
 def maybe_initialize_distributed(dist_cfg) -> None:
@@ -95,23 +151,46 @@ def maybe_initialize_distributed(dist_cfg) -> None:
     `dist_cfg.initialize`: 'on' always, 'off' never, 'auto' when a cluster environment (SLURM,
     a TPU pod, or $JAX_COORDINATOR_ADDRESS) with more than one process is detected. Explicit
     coordinator address, process count and id in the config take precedence over detection.
+    When not every process has joined within `dist_cfg.initialization_timeout` seconds, the
+    process ends with one line saying so. Raises UserError for settings that cannot work.
     """
     import jax
 
+    from errors import UserError
+
     if dist_cfg.initialize == "off":
         return
+    check_distributed(dist_cfg)
     if dist_cfg.initialize == "auto" and not (
         dist_cfg.coordinator_address or _cluster_environment()
     ):
         return
-    kwargs = {}
+    timeout = dist_cfg.initialization_timeout
+    # JAX's own limit comes later: the watchdog's line comes first, not JAX's abort
+    kwargs = {"initialization_timeout": int(timeout) + 60}
     if dist_cfg.coordinator_address:
         kwargs["coordinator_address"] = dist_cfg.coordinator_address
     if dist_cfg.num_processes > 0:
         kwargs["num_processes"] = dist_cfg.num_processes
     if dist_cfg.process_id >= 0:
         kwargs["process_id"] = dist_cfg.process_id
-    jax.distributed.initialize(**kwargs)
+    logging.info(
+        "jax.distributed: joining %s as process %s of %s (up to %g s)",
+        dist_cfg.coordinator_address or "the cluster's coordinator",
+        dist_cfg.process_id if dist_cfg.process_id >= 0 else "?",
+        dist_cfg.num_processes or "?",
+        timeout,
+    )
+    watchdog = _watchdog(dist_cfg, timeout)
+    watchdog.start()
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (ValueError, RuntimeError) as e:  # e.g. nothing to detect the cluster from
+        raise UserError(
+            f"jax.distributed could not start: {str(e).splitlines()[0]} (config.distributed)"
+        ) from None
+    finally:
+        watchdog.cancel()
     logging.info(
         "jax.distributed: process %d of %d, %d local / %d global devices",
         jax.process_index(),
