@@ -2,8 +2,9 @@
 
 Formats (each either as the downloaded archive in `data_dir` or extracted there):
 - CIFAR-10/100 binary (`cifar-10-binary.tar.gz`, `cifar-100-binary.tar.gz`), preferred;
-- CIFAR-10/100 python (`cifar-10-python.tar.gz`, `cifar-100-python.tar.gz`): pickles, read with
-  an unpickler that builds numpy arrays and nothing else, so a file cannot run code;
+- CIFAR-10/100 python (`cifar-10-python.tar.gz`, `cifar-100-python.tar.gz`): pickles (the
+  official Python 2 ones, or re-pickled by Python 3), read with an unpickler that builds numpy
+  arrays, bytes and containers and nothing else, so a file cannot run code;
 - MNIST and Fashion-MNIST idx files (`train-images-idx3-ubyte[.gz]` ...), gzipped or not;
 - SVHN cropped digits (`train_32x32.mat`, `test_32x32.mat`).
 Archives are read member by member into memory, never extracted, and an archive holding a
@@ -86,7 +87,19 @@ def _cifar_binary(label_bytes: int) -> Decoder:
 # The only callables a CIFAR python batch needs: numpy's array and dtype reconstruction.
 # `_reconstruct` is looked up through numpy's own pickling, whatever module it lives in.
 _RECONSTRUCT = np.zeros(0).__reduce__()[0]
+
+
+def _latin1_bytes(text, encoding="latin1"):
+    """What `_codecs.encode` stands for in a pickle of protocol 2 written by Python 3: bytes
+    spelt as a latin-1 string (e.g. a batch re-pickled with `pickle.dump(batch, f, 2)`).
+    Only that use is admitted; it builds bytes and runs nothing else."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"refusing _codecs.encode of {type(text).__name__}")
+    return text.encode("latin1")
+
+
 _SAFE_GLOBALS = {
+    ("_codecs", "encode"): _latin1_bytes,  # bytes in Python 3's protocol-2 pickles
     ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,  # numpy < 2 (the official files)
     ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,  # numpy >= 2
     ("numpy", "ndarray"): np.ndarray,
@@ -131,6 +144,10 @@ def _cifar_python(label_key: bytes) -> Decoder:
         images, labels = [], []
         for name, blob in files:
             batch = safe_unpickle(blob, name)
+            if isinstance(batch, dict):  # re-pickled after loading with encoding='latin1'
+                batch = {
+                    k.encode("latin1") if isinstance(k, str) else k: v for k, v in batch.items()
+                }
             data = batch.get(b"data") if isinstance(batch, dict) else None
             if not (
                 isinstance(data, np.ndarray)

@@ -112,6 +112,45 @@ def test_cifar_python_pickled_by_numpy2(tmp_path):
     _assert_splits(files.read("cifar10", str(tmp_path)), expected)
 
 
+@pytest.mark.parametrize("keys", ["bytes", "text"])
+def test_cifar_python_repickled_by_python3_protocol_2(tmp_path, keys):
+    """A user loads the official batches and writes them again with Python 3 and protocol 2:
+    bytes and array data then go through `_codecs.encode(text, 'latin1')`. Loaded with
+    encoding='latin1', the keys also become text."""
+    members, expected = _cifar10_members("py")
+    encoding = "bytes" if keys == "bytes" else "latin1"
+    repickled = {}
+    for name, blob in members.items():
+        if "batches.meta" in name:
+            repickled[name] = blob
+            continue
+        batch = pickle.loads(blob, encoding=encoding)
+        repickled[name] = pickle.dumps(batch, protocol=2)
+        assert b"_codecs\nencode" in repickled[name]
+    _tar(tmp_path / "cifar-10-python.tar.gz", repickled)
+    _assert_splits(files.read("cifar10", str(tmp_path)), expected)
+
+
+def test_codecs_encode_admits_latin1_text_only():
+    class _Encodes:  # a pickle asking _codecs.encode for anything but latin-1 text
+        def __reduce__(self):
+            import _codecs
+
+            return (_codecs.encode, ("x", "rot13"))
+
+    with pytest.raises(UserError, match="refusing _codecs.encode"):
+        files.safe_unpickle(pickle.dumps(_Encodes(), protocol=2), "x")
+    with pytest.raises(UserError, match="refusing to load _codecs.decode"):
+        files.safe_unpickle(pickle.dumps(_DecodesBytes(), protocol=2), "x")
+
+
+class _DecodesBytes:
+    def __reduce__(self):
+        import _codecs
+
+        return (_codecs.decode, (b"x", "latin1"))
+
+
 def test_cifar100_binary_and_python(tmp_path):
     train, test = _images(4), _images(3)
     coarse = [RNG.integers(0, 20, 4), RNG.integers(0, 20, 3)]
