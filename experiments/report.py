@@ -9,9 +9,12 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+from absl import logging  # noqa: E402
 
+from errors import UserError  # noqa: E402
 from experiments import Experiment  # noqa: E402
-from experiments.runner import EVALUATED, TRAINED, run_dir  # noqa: E402
+from experiments.runner import EVALUATED, TRAINED, config_mismatch, run_dir  # noqa: E402
+from training import metrics as metrics_lib  # noqa: E402
 
 PLOTS = (
     "learning_curves.png",
@@ -28,7 +31,7 @@ def collect(experiment: Experiment, output: Path) -> list[dict]:
         seeds = []
         for seed in experiment.seeds:
             workdir = run_dir(output, run, seed)
-            if not (workdir / TRAINED).exists():
+            if not (workdir / TRAINED).exists() or not _is_run(workdir, run, seed):
                 continue
             evaluated = workdir / EVALUATED
             seeds.append(
@@ -36,9 +39,7 @@ def collect(experiment: Experiment, output: Path) -> list[dict]:
                     "seed": seed,
                     "results": json.loads((workdir / TRAINED).read_text()),
                     "eval": json.loads(evaluated.read_text()) if evaluated.exists() else None,
-                    "metrics": [
-                        json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()
-                    ],
+                    "metrics": metrics_lib.read_records(workdir / "metrics.jsonl"),
                 }
             )
         if seeds:
@@ -51,6 +52,24 @@ def collect(experiment: Experiment, output: Path) -> list[dict]:
                 }
             )
     return rows
+
+
+def _is_run(workdir: Path, run, seed: int) -> bool:
+    """Whether `workdir` holds `run` with `seed`; a folder of another config is left out of
+    the report with one warning line."""
+    try:
+        differences = config_mismatch(workdir, run, seed)
+    except UserError as e:
+        differences = [str(e)]
+    if differences:
+        logging.warning(
+            "left out of the report: %s holds another config than %s seed %d (%s)",
+            workdir,
+            run.name,
+            seed,
+            "; ".join(differences),
+        )
+    return not differences
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -170,7 +189,10 @@ def write(experiment: Experiment, output: Path, spec: str) -> str:
     output = Path(output)
     rows = collect(experiment, output)
     if not rows:
-        return "(no finished runs yet)"
+        raise UserError(
+            f"no finished run of {spec} in {output} yet: nothing to report. Run "
+            f"`python -m experiments run {spec} --output={output}` first."
+        )
     table = markdown_table(rows)
     plot(rows, output)
     env_file = run_dir(output, experiment.runs[0], experiment.seeds[0]) / "environment.json"

@@ -6,6 +6,7 @@ from pathlib import Path
 from absl import logging
 
 import configs
+from errors import UserError
 from experiments import Experiment, Run
 
 TRAINED = "results.json"
@@ -14,7 +15,19 @@ EVALUATED = "eval/latest/eval.json"
 
 def run_dir(output: Path, run: Run, seed: int) -> Path:
     """Returns the workdir of `run` with `seed` inside the experiment's output folder."""
-    return Path(output) / run.name / f"seed_{seed}"
+    return Path(output).expanduser() / run.name / f"seed_{seed}"
+
+
+def config_mismatch(workdir: Path, run: Run, seed: int) -> list[str]:
+    """The fields where the run saved in `workdir` differs from `run` with `seed` ([] when it
+    is that run). Raises UserError when the saved config.json cannot be read."""
+    from configs import schema
+    from training import workdir as workdir_lib
+
+    saved = workdir_lib.read_config(Path(workdir) / "config.json")
+    config = build_config(run, seed)
+    schema.cap_warmup(config, quiet=True)  # as training saved it
+    return workdir_lib.differences_from(saved, config)
 
 
 def build_config(run: Run, seed: int):
@@ -28,8 +41,11 @@ def build_config(run: Run, seed: int):
 def run_missing(experiment: Experiment, output: Path) -> list[Path]:
     """Trains and evaluates every run that has no results yet; returns the workdirs it touched.
 
-    A run with a results.json is skipped; an interrupted one resumes from its checkpoint
-    (train.py does that), so rerunning after a crash loses at most one checkpoint interval.
+    A run with a results.json is skipped when its folder holds that run's config; a folder
+    holding another config's finished run is refused with one line (UserError). An
+    interrupted one resumes from its checkpoint (train.py does that), so rerunning after a
+    crash loses at most one checkpoint interval; a folder of another config without a
+    checkpoint is retrained with this run's config, and one with a checkpoint is refused.
     """
     import eval as eval_lib  # deferred: importing JAX is slow
     from training import loop
@@ -38,7 +54,9 @@ def run_missing(experiment: Experiment, output: Path) -> list[Path]:
     for run in experiment.runs:
         for seed in experiment.seeds:
             workdir = run_dir(output, run, seed)
-            if not (workdir / TRAINED).exists():
+            if (workdir / TRAINED).exists():
+                _check_finished(workdir, run, seed)
+            else:
                 logging.info("training %s seed %d in %s", run.name, seed, workdir)
                 loop.train_and_evaluate(build_config(run, seed), workdir)
                 touched.append(workdir)
@@ -46,6 +64,15 @@ def run_missing(experiment: Experiment, output: Path) -> list[Path]:
                 eval_lib.evaluate_workdir(workdir, max_shift=experiment.max_shift)
                 touched.append(workdir)
     return touched
+
+
+def _check_finished(workdir: Path, run: Run, seed: int) -> None:
+    differences = config_mismatch(workdir, run, seed)
+    if differences:
+        raise UserError(
+            f"{workdir} holds a finished run of another config than {run.name} seed {seed} "
+            f"({'; '.join(differences)}); move it aside or use another --output."
+        )
 
 
 def _flag_value(value) -> str:

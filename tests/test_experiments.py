@@ -108,3 +108,70 @@ def test_commands_and_slurm_script(tmp_path):
         ["bash", "-n", str(tmp_path / "slurm.sh")], capture_output=True, text=True
     )
     assert check.returncode == 0, check.stderr
+
+
+def _fake_finished_run(workdir: Path, config, metrics_tail: str = "") -> None:
+    """A finished run's files, as train.py leaves them (without training: the numbers are
+    made up)."""
+    workdir.mkdir(parents=True)
+    (workdir / "config.json").write_text(config.to_json(indent=2))
+    results = {
+        "eval_split": "test",
+        "test_accuracy": 0.5,
+        "params": 1000,
+        "flops_per_image": 2e6,
+        "train_seconds": 3.0,
+        "images_per_s": 100.0,
+    }
+    (workdir / "results.json").write_text(json.dumps(results))
+    records = [{"step": 4, "split": "test", "accuracy": 0.4}, {"step": 8, "split": "test"}]
+    records[1]["accuracy"] = 0.5
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    (workdir / "metrics.jsonl").write_text(text + metrics_tail)
+
+
+def test_a_folder_of_another_config_is_neither_skipped_nor_reported(tmp_path, caplog):
+    import logging
+
+    from errors import UserError
+
+    experiment = tiny_experiment()
+    plain, pooled = experiment.runs
+    # runs/plain/seed_0 holds pooled_avg's run (e.g. runs renamed between two versions)
+    _fake_finished_run(runner.run_dir(tmp_path, plain, 0), runner.build_config(pooled, 0))
+    with pytest.raises(UserError, match=r"plain/seed_0 holds a finished run of another config"):
+        runner.run_missing(experiment, tmp_path)
+    with caplog.at_level(logging.WARNING), pytest.raises(UserError, match="no finished run"):
+        report.write(experiment, tmp_path, "tiny")
+    assert any("left out of the report" in r.getMessage() for r in caplog.records)
+    assert not (tmp_path / "report.md").exists()
+
+
+def test_report_drops_a_partial_metrics_line(tmp_path, caplog):
+    import logging
+
+    experiment = tiny_experiment()
+    for run in experiment.runs:
+        for seed in experiment.seeds:
+            _fake_finished_run(
+                runner.run_dir(tmp_path, run, seed),
+                runner.build_config(run, seed),
+                metrics_tail='{"step": 9, "spl',  # a run killed while writing
+            )
+    with caplog.at_level(logging.WARNING):
+        table = report.write(experiment, tmp_path, "tiny")
+    assert "| plain | 2 | 50.00 ± 0.00 |" in table
+    assert sum("dropped 1 line(s)" in r.getMessage() for r in caplog.records) == 4
+
+
+def test_report_without_a_finished_run_says_so(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments", "report", "families:small", f"--output={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0
+    assert "error: no finished run of families:small" in out.stderr
+    assert "report written" not in out.stderr + out.stdout and "Traceback" not in out.stderr
