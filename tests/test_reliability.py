@@ -4,8 +4,8 @@ The catalogue of user mistakes goes through the real command line (`train.py`), 
 the user sees there is the point: one line naming the cause, no traceback.
 """
 
-import errno
 import json
+import logging
 import os
 import random
 import signal
@@ -125,28 +125,63 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
         loop.train_and_evaluate(config, tmp_path)
 
 
-def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    from tests.test_train import tiny_config
-
-    real_save = ckpt_lib.ocp.CheckpointManager.save
-
-    def save(self, step, *args, **kwargs):
-        if step >= 12:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(self, step, *args, **kwargs)
-
-    monkeypatch.setattr(ckpt_lib.ocp.CheckpointManager, "save", save)
-    with pytest.raises(
-        UserError, match=r"disk full .* step 12.*previous checkpoint \(step 6\) is intact"
-    ):
-        loop.train_and_evaluate(tiny_config(steps=12), tmp_path)
-    monkeypatch.setattr(ckpt_lib.ocp.CheckpointManager, "save", real_save)
-    assert ckpt_lib.Checkpoints(tmp_path, keep=2).latest_step() == 6
-    results = loop.train_and_evaluate(tiny_config(steps=12), tmp_path)  # space freed: resume
-    assert results["steps"] == 12
+TINY = [  # about tests.test_train.tiny_config as flags: checkpoints at 6 and 12, best at 12
+    "--config=configs/builtin.py:pooled_max",
+    *SMALL,
+    "--config.dataset.validation_size=128",
+    "--config.dataset.eval_split=validation",
+    "--config.training.num_steps=12",
+    "--config.training.log_every_steps=4",
+    "--config.training.eval_every_steps=12",
+    "--config.training.checkpoint_every_steps=6",
+    "--config.training.progress=none",
+    "--config.schedule.warmup_steps=2",
+]
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A real 2.5 MiB filesystem (tmpfs): room for TINY's first checkpoint (about 1.4 MB), not
+    for the second. Skipped where mounting is not permitted."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2560k", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(small_filesystem):
+    workdir = small_filesystem / "run"
+    out = train_cli(*TINY, f"--workdir={workdir}")
+    assert_one_clear_line(
+        out, "disk full while saving the checkpoint of step 12", "(step 6) is intact"
+    )
+    assert "RESOURCE_EXHAUSTED" not in out.stderr and "Event loop" not in out.stderr
+    assert len(out.stderr.splitlines()) < 40, out.stderr[-3000:]
+    assert ckpt_lib.Checkpoints(workdir, keep=2).latest_step() == 6
+    assert not list(workdir.glob("*/*.orbax-checkpoint-tmp*"))  # the partial save is freed
+    # space freed: the same command resumes from step 6 and finishes
+    subprocess.run(["mount", "-o", "remount,size=16m", str(small_filesystem)], check=True)
+    out = train_cli(*TINY, f"--workdir={workdir}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "resuming from the checkpoint of step 6" in out.stderr
+    assert json.loads((workdir / "results.json").read_text())["steps"] == 12
+
+
+@pytest.mark.parametrize(
+    "signum, code, said",
+    [
+        (signal.SIGTERM, 143, "stopped by SIGTERM after saving"),
+        (signal.SIGINT, 130, "stopped by SIGINT (Ctrl-C) after saving"),
+    ],
+)
+def test_sigterm_and_ctrl_c_save_a_checkpoint_and_exit(tmp_path, signum, code, said):
     args = [
         "--config=configs/builtin.py:plain",
         *SMALL,
@@ -165,10 +200,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
     deadline = time.time() + 240
     while time.time() < deadline and not (metrics.exists() and metrics.read_text()):
         time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-2000:]
-    assert "rerun the same command to resume" in err
+    assert proc.returncode == code, err[-2000:]
+    assert said in err and "rerun the same command to resume" in err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
     assert ckpt_lib.Checkpoints(tmp_path, keep=2).latest_step() > 0
 
 
@@ -290,3 +326,232 @@ def test_unwritable_cache_folder_means_no_cache_not_an_error(monkeypatch, tmp_pa
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # a file: no folder can go below it
     assert runtime.configure_compilation_cache() is None
     assert "JAX_COMPILATION_CACHE_DIR" not in os.environ
+
+
+# --------------------------------------------------------------------------------------------
+# Round two: damaged checkpoints, two runs in one workdir, failed first attempts, distributed
+# start-up, hand-edited workdir files.
+
+
+def _checkpoint_data_file(folder: Path) -> Path:
+    """The largest data file of a checkpoint (the arrays' bytes)."""
+    return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize("damage", ["truncated data file", "deleted metadata"])
+def test_damaged_checkpoint_is_quarantined_and_the_run_finishes(tmp_path, caplog, damage):
+    from tests.test_train import tiny_config
+
+    reference = loop.train_and_evaluate(tiny_config(steps=12), tmp_path / "ref")
+    workdir = tmp_path / "run"
+    loop.train_and_evaluate(tiny_config(steps=12), workdir)
+    (workdir / "results.json").unlink()
+    step12 = workdir / "checkpoints" / "12"
+    if damage == "truncated data file":
+        data_file = _checkpoint_data_file(step12)
+        data_file.write_bytes(data_file.read_bytes()[:100])
+    else:
+        (step12 / "state" / "_METADATA").unlink()
+    with caplog.at_level(logging.WARNING):
+        results = loop.train_and_evaluate(tiny_config(steps=12), workdir)
+    said = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+    assert len(said) == 1 and "checkpoints/12" in said[0], said
+    assert [p.name.split("-")[:2] for p in (workdir / "quarantine").iterdir()] == [
+        ["checkpoints", "12"]
+    ]
+    assert results["final"] == reference["final"] and results["best"] == reference["best"]
+    # the step was saved again; later reruns do not trip over it either
+    assert ckpt_lib.Checkpoints(workdir, keep=2).latest_step() == 12
+    (workdir / "results.json").unlink()
+    assert loop.train_and_evaluate(tiny_config(steps=12), workdir)["final"] == reference["final"]
+
+
+def test_every_checkpoint_damaged_means_a_fresh_start(tmp_path):
+    from tests.test_train import tiny_config
+
+    config = tiny_config(steps=6)
+    reference = loop.train_and_evaluate(config, tmp_path / "ref")
+    loop.train_and_evaluate(config, tmp_path / "run")
+    (tmp_path / "run" / "results.json").unlink()
+    for folder in (tmp_path / "run" / "checkpoints" / "6", tmp_path / "run" / "best" / "6"):
+        data_file = _checkpoint_data_file(folder)
+        data_file.write_bytes(data_file.read_bytes()[:100])
+    results = loop.train_and_evaluate(config, tmp_path / "run")
+    assert results["final"] == reference["final"]
+
+
+def test_two_runs_in_one_workdir_the_second_names_the_first(tmp_path):
+    args = [
+        "--config=configs/builtin.py:plain",
+        *SMALL,
+        "--config.training.num_steps=100000",
+        "--config.training.checkpoint_every_steps=5",
+        f"--workdir={tmp_path}",
+    ]
+    first = subprocess.Popen(
+        [sys.executable, "train.py", *args],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        metrics = tmp_path / "metrics.jsonl"
+        deadline = time.time() + 240
+        while time.time() < deadline and not (metrics.exists() and metrics.read_text()):
+            time.sleep(0.1)
+        second = train_cli(*args)
+        assert_one_clear_line(second, "in use by another run", f"pid {first.pid}", "train.py")
+        before = metrics.read_text()
+    finally:
+        first.kill()  # kill -9: the lock file stays, naming a dead process
+        first.wait()
+    # the dead run's TensorBoard events are on disk (flushed as they are written)
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    (events,) = (tmp_path / "tensorboard").iterdir()
+    tags = {v.tag for e in EventFileLoader(str(events)).Load() for v in e.summary.value}
+    assert "train/loss" in tags
+    assert (tmp_path / ".lock").read_text().strip()  # the stale holder's record
+    # a third run takes the stale lock over and resumes; SIGTERM it once it trains
+    third = subprocess.Popen(
+        [sys.executable, "train.py", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and metrics.read_text() == before:
+        time.sleep(0.1)
+    third.send_signal(signal.SIGTERM)
+    _, err = third.communicate(timeout=120)
+    assert third.returncode == 143, err[-2000:]
+    assert "taking over the workdir lock left by a run" in err and f"pid {first.pid}" in err
+    assert (tmp_path / ".lock").read_text() == ""  # released
+
+
+def test_workdir_lock_in_one_process(tmp_path):
+    from training import workdir as workdir_lib
+
+    lock = workdir_lib.WorkdirLock(tmp_path)
+    lock.acquire()
+    with pytest.raises(UserError, match=rf"in use by another run \(pid {os.getpid()} on "):
+        workdir_lib.WorkdirLock(tmp_path).acquire()
+    lock.release()
+    workdir_lib.WorkdirLock(tmp_path).acquire()  # released: free again
+
+
+def test_first_attempt_without_checkpoint_is_replaced(tmp_path, caplog):
+    from tests.test_train import tiny_config
+
+    too_big = tiny_config(steps=6)
+    too_big.training.batch_size = 1024  # larger than the 384 training images
+    with pytest.raises(UserError):
+        loop.train_and_evaluate(too_big, tmp_path)
+    assert (tmp_path / "config.json").exists()
+    with caplog.at_level(logging.WARNING):
+        loop.train_and_evaluate(tiny_config(steps=6), tmp_path)
+    said = [r.getMessage() for r in caplog.records if "first attempt" in r.getMessage()]
+    assert len(said) == 1 and "training.batch_size: 1024 -> 32" in said[0]
+    # with a checkpoint, another config is still refused
+    with pytest.raises(UserError, match="training.batch_size: 32 -> 1024"):
+        loop.train_and_evaluate(too_big, tmp_path)
+
+
+@pytest.mark.parametrize("text", ["{not json", "{}", "[1, 2]"])
+def test_hand_edited_config_json_is_one_line(tmp_path, text):
+    from tests.test_train import tiny_config
+
+    loop.train_and_evaluate(tiny_config(steps=6), tmp_path)
+    (tmp_path / "results.json").unlink()
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(UserError, match=r"config.json (is not JSON|is not a saved config).*delete"):
+        loop.train_and_evaluate(tiny_config(steps=6), tmp_path)
+    (tmp_path / "config.json").unlink()  # the fix the message gives
+    assert loop.train_and_evaluate(tiny_config(steps=6), tmp_path)["steps"] == 6
+
+
+def test_partial_last_metrics_line_is_dropped_with_a_warning(tmp_path, caplog):
+    from tests.test_train import read_metrics, tiny_config
+
+    loop.train_and_evaluate(tiny_config(steps=12), tmp_path)
+    whole = (tmp_path / "metrics.jsonl").read_text()
+    (tmp_path / "results.json").unlink()
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 13, "split": "tra')  # killed mid-write
+    with caplog.at_level(logging.WARNING):
+        loop.train_and_evaluate(tiny_config(steps=12), tmp_path)
+    assert any("dropped 1 line(s)" in r.getMessage() for r in caplog.records)
+    records = read_metrics(tmp_path)  # every line parses again
+    assert len(records) == len(whole.splitlines())
+
+
+def test_one_test_record_per_step_when_eval_split_is_test(tmp_path):
+    from tests.test_train import read_metrics, tiny_config
+
+    config = tiny_config(steps=6)
+    config.dataset.eval_split = "test"
+    results = loop.train_and_evaluate(config, tmp_path)
+    tests = [r for r in read_metrics(tmp_path) if r["split"] == "test"]
+    assert [r["step"] for r in tests] == [6]
+    assert results["final"]["test"]["accuracy"] == tests[0]["accuracy"]
+
+
+def test_workdir_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch):
+    from tests.test_train import tiny_config
+    from training import workdir as workdir_lib
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    workdir, lock = workdir_lib.prepare(tiny_config(), "~/runs/x")
+    lock.release()
+    assert workdir == tmp_path / "runs" / "x" and workdir.is_dir()
+    assert not Path("~").exists()
+
+
+def test_warmup_as_long_as_training_is_capped(caplog):
+    from configs import builtin, schema
+
+    config = builtin.get_config()
+    config.training.num_steps = 30  # the built-in config warms up for 30 steps
+    with caplog.at_level(logging.WARNING):
+        schema.validate(config)
+    assert config.schedule.warmup_steps == 15
+    assert any("warm-up capped at 15 steps" in r.getMessage() for r in caplog.records)
+
+
+def test_read_only_checkpoints_say_nothing(tmp_path, caplog):
+    from tests.test_train import tiny_config
+
+    loop.train_and_evaluate(tiny_config(steps=6), tmp_path)
+    with caplog.at_level(logging.INFO):
+        ckpt_lib.Checkpoints(tmp_path, keep=2, read_only=True).close()
+    assert not [r for r in caplog.records if "read only" in r.getMessage()]
+
+
+def test_distributed_on_without_an_address_is_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_COORD"))}
+    out = train_cli(
+        "--config=configs/builtin.py:plain",
+        "--config.distributed.initialize=on",
+        f"--workdir={tmp_path}",
+        env=env,
+    )
+    assert_one_clear_line(out, "distributed.initialize='on' needs", "coordinator_address")
+
+
+def test_two_processes_declared_one_started_times_out_with_a_message(tmp_path):
+    from tests.test_train import _free_port
+
+    start = time.time()
+    out = train_cli(
+        "--config=configs/builtin.py:plain",
+        "--config.distributed.initialize=on",
+        f"--config.distributed.coordinator_address=127.0.0.1:{_free_port()}",
+        "--config.distributed.num_processes=2",
+        "--config.distributed.process_id=0",
+        "--config.distributed.initialization_timeout=3",
+        f"--workdir={tmp_path}",
+        timeout=120,
+    )
+    assert_one_clear_line(out, "not all 2 processes joined", "within 3 s")
+    assert time.time() - start < 60

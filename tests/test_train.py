@@ -1,6 +1,7 @@
 """The training loop: learning, data parallelism, multi-host, resume, outputs, real data."""
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -146,17 +147,37 @@ def test_nonfinite_loss_stops_with_step_and_checkpoint(tmp_path):
     config = tiny_config(steps=12)
     config.optimizer.learning_rate = 1e30
     config.schedule.warmup_steps = 0
-    with pytest.raises(loop.Diverged, match=r"at step \d+.*last good checkpoint is step \d+"):
+    with pytest.raises(loop.Diverged, match=r"at step \d+.*No checkpoint was saved") as error:
         loop.train_and_evaluate(config, tmp_path)
+    assert "step 0" not in str(error.value)
+    # the fixed command may reuse the workdir: no checkpoint, so its config is replaced
+    fixed = tiny_config(steps=12)
+    fixed.training.checkpoint_every_steps = 3
+    assert loop.train_and_evaluate(fixed, tmp_path)["steps"] == 12
+    assert json.loads((tmp_path / "config.json").read_text())["optimizer"]["learning_rate"] == 1e-3
+    assert all(r["step"] > 0 for r in read_metrics(tmp_path))
+    # a divergence after a checkpoint names it (the warm-up's first step has learning rate 0)
+    late = tiny_config(steps=12)
+    late.optimizer.learning_rate = 1e30
+    late.schedule.warmup_steps = 4
+    late.training.checkpoint_every_steps = 1
+    with pytest.raises(loop.Diverged, match=r"last good checkpoint is step [12] .*new --workdir"):
+        loop.train_and_evaluate(late, tmp_path / "late")
 
 
-def test_nonfinite_loss_can_skip_updates(tmp_path):
+def test_nonfinite_loss_can_skip_updates(tmp_path, caplog):
     config = tiny_config(steps=6)
     config.optimizer.learning_rate = 1e30
     config.schedule.warmup_steps = 0
     config.training.on_nonfinite_loss = "skip"
-    results = loop.train_and_evaluate(config, tmp_path)
+    with caplog.at_level(logging.WARNING):
+        results = loop.train_and_evaluate(config, tmp_path)
     assert results["skipped_updates"] > 0
+    said = [r.getMessage() for r in caplog.records if "non-finite loss" in r.getMessage()]
+    assert said == [
+        f"skipped {results['skipped_updates']} of 6 updates for a non-finite loss "
+        "(training.on_nonfinite_loss=skip); the results come from the others"
+    ]
 
 
 @pytest.mark.slow
