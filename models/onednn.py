@@ -67,7 +67,7 @@ PLAIN, WEIGHTS_ANY, BLOCKED = 0, 1, 2
 LAYOUTS = {"plain": PLAIN, "weights_any": WEIGHTS_ANY, "blocked": BLOCKED}
 
 # OpenMP threads per oneDNN call; the calls run on one of XLA's CPU threads, beside its pool.
-DEFAULT_THREADS = 0  # 0: one per CPU this process may run on
+DEFAULT_THREADS = 1  # 0: one per CPU this process may run on
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -234,7 +234,7 @@ ALL_XLA = Plan()
 def choose(shape: Shape) -> Plan:
     """The measured choice (benchmarks/onednn_parts.py, recorded in benchmarks/README.md):
     for each pass of `shape`, oneDNN's layout that beat XLA's convolution, or None."""
-    return Plan(fwd=BLOCKED, dx=BLOCKED, dw=BLOCKED)
+    return Plan(fwd=WEIGHTS_ANY, dx=WEIGHTS_ANY, dw=WEIGHTS_ANY)
 
 
 _plan_override: Plan | Callable[[Shape], Plan] | None = None
@@ -389,6 +389,55 @@ def conv(
     if plan == ALL_XLA:
         return fallback(x, kernel, strides, padding)
     return _conv(x, kernel, strides, padding, plan, fallback)
+
+
+def routed(
+    conv_general_dilated: Callable[..., jax.Array], switch: Callable[[], bool] | None = None
+) -> Callable[..., jax.Array]:
+    """Returns a function with `lax.conv_general_dilated`'s signature that sends every 2-D
+    NHWC/HWIO convolution with explicit padding, no dilation and one group to `conv` (each pass
+    where `choose` decides, `conv_general_dilated` for the rest) while `switch()` is true (at
+    trace time), and everything else to `conv_general_dilated` unchanged. Wiring the layers:
+    `conv_general_dilated = onednn.routed(conv_general_dilated, enabled)`."""
+    fallback = functools.partial(conv_general_dilated, dimension_numbers=_NHWC)
+
+    def conv_general_dilated_routed(
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation=None,
+        rhs_dilation=None,
+        dimension_numbers=None,
+        feature_group_count=1,
+        **kwargs,
+    ):
+        if (
+            (switch is None or switch())
+            and getattr(lhs, "ndim", 0) == 4
+            and getattr(rhs, "ndim", 0) == 4
+            and not isinstance(padding, str)
+            and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+            and feature_group_count == 1
+            and dimension_numbers is not None
+            and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+            == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+            and all(v is None for v in kwargs.values())  # precision, preferred type, sharding
+        ):
+            return conv(lhs, rhs, window_strides, padding, fallback=fallback)
+        return conv_general_dilated(
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation,
+            rhs_dilation,
+            dimension_numbers,
+            feature_group_count,
+            **kwargs,
+        )
+
+    return conv_general_dilated_routed
 
 
 def implementation(shape: Shape, name: str, layout: int = BLOCKED) -> str | None:

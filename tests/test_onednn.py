@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -280,3 +281,85 @@ def test_missing_extension_in_a_fresh_process():
     )
     assert out.stdout.split() == ["False", str(float(expected.sum()))]
     assert out.stderr.count("oneDNN convolutions off") == 1, out.stderr
+
+
+def test_routed_matches_lax_and_passes_the_rest_on(extension):
+    """`routed` sends NHWC convolutions to `conv` and anything else to the function it wraps."""
+    x, kernel, dy, strides, padding = _case(CASES[2])
+    seen = []
+
+    def project_conv(*args, **kwargs):
+        seen.append(kwargs.get("dimension_numbers", args[6] if len(args) > 6 else None))
+        return jax.lax.conv_general_dilated(*args, **kwargs)
+
+    routed = onednn.routed(project_conv)
+    nhwc = ("NHWC", "HWIO", "NHWC")
+    with onednn.override_plan(onednn.Plan(onednn.WEIGHTS_ANY, onednn.WEIGHTS_ANY, None)):
+        loss = lambda x, k: jnp.vdot(
+            routed(x, k, strides, padding, None, None, nhwc, 1, precision=None), dy
+        )
+        assert _has_custom_call(loss, x, kernel)
+        value, grads = jax.value_and_grad(loss, (0, 1))(x, kernel)
+    y, dx, dw = _xla_passes(x, kernel, dy, strides, padding)
+    _close(value, jnp.vdot(y, dy))
+    _close(grads[0], dx)
+    _close(grads[1], dw)
+    # NCHW goes through unchanged
+    seen.clear()
+    nchw = jnp.transpose(x, (0, 3, 1, 2))
+    kernel_oihw = jnp.transpose(kernel, (3, 2, 0, 1))
+    out = routed(nchw, kernel_oihw, strides, padding, dimension_numbers=("NCHW", "OIHW", "NCHW"))
+    assert seen == [("NCHW", "OIHW", "NCHW")]
+    _close(jnp.transpose(out, (0, 2, 3, 1)), y)
+
+
+@pytest.mark.parametrize("preset", ["resnet20", "plain"])
+def test_training_with_and_without_onednn(extension, monkeypatch, preset):
+    """A few SGD steps of a real model, its convolutions through oneDNN (the plan of
+    `choose`) and through XLA, end within float tolerance of each other."""
+    import optax
+    from flax import nnx
+
+    import models
+    from models import cpu_kernels
+
+    images = _array((8, 32, 32, 3), 7)
+    labels = jnp.arange(8) % 10
+
+    calls = []
+    traced = onednn._call
+
+    def spy(name, *args):
+        calls.append(name)
+        return traced(name, *args)
+
+    monkeypatch.setattr(onednn, "_call", spy)
+
+    def train(route: bool):
+        conv = cpu_kernels.conv_general_dilated
+        routed = onednn.routed(conv, cpu_kernels.enabled) if route else conv
+        with mock.patch.object(cpu_kernels, "conv_general_dilated", routed):
+            model = models.create_model(models.preset(preset), (32, 32, 3), 10, rngs=nnx.Rngs(0))
+        optimizer = nnx.Optimizer(model, optax.sgd(0.05, momentum=0.9), wrt=nnx.Param)
+
+        @nnx.jit
+        def step(model, optimizer, x, y):
+            def loss_fn(model):
+                logits = model(x, train=True, rngs=nnx.Rngs(dropout=0))
+                return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+            loss, grads = nnx.value_and_grad(loss_fn)(model)
+            optimizer.update(model, grads)
+            return loss
+
+        losses = [float(step(model, optimizer, images, labels)) for _ in range(3)]
+        return losses, nnx.state(model, nnx.Param)
+
+    with onednn.override_plan(None):
+        losses_xla, params_xla = train(route=False)
+        assert not calls
+        losses_onednn, params_onednn = train(route=True)
+    assert calls, "no convolution went through oneDNN"
+    np.testing.assert_allclose(losses_onednn, losses_xla, rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(params_onednn), jax.tree.leaves(params_xla), strict=True):
+        _close(a, b, 1e-4)
