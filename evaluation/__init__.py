@@ -1,10 +1,19 @@
-"""What `eval.py` measures on a trained model, split by concern:
+"""Evaluating a trained run (what `eval.py` runs), split by concern:
 
+- `run`: loading a run from its workdir: config, a checkpoint read-only, data, eval step.
+- `base`: what a measure is (`Measure`: its batch sums, eval.json fields, TensorBoard scalars,
+  report lines, figures), its inputs, the registry by name, and the one jit-compiled pass over
+  a split that sums what every measure needs.
+- `measures`: today's measures (accuracy, calibration, speed, tta, shift, internals).
+- `evaluate`: `evaluate_workdir` (the measures on a split, written to eval.json, figures and
+  TensorBoard) and `format_report` (the terminal summary).
 - `shift`: moving images by whole pixels (circular or zero fill), on the device.
-- `metrics`: one jit-compiled pass over a split that sums everything eval reports (confusion
-  matrix, calibration bins, flip test-time augmentation, the shift curves, the random-pair
-  consistency), and the function that turns those sums into the report's numbers.
 - `internals`: what the layers do: which layers to draw, the first layer's filters, and one
   pooling window worked through with real numbers.
 - `figures`: the PNG files (matplotlib, no pyplot state).
 """
+
+from evaluation.evaluate import evaluate_workdir, format_report, measure_names
+from evaluation.run import Run, load_run
+
+__all__ = ["Run", "evaluate_workdir", "format_report", "load_run", "measure_names"]

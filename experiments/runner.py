@@ -47,7 +47,7 @@ def run_missing(experiment: Experiment, output: Path) -> list[Path]:
     crash loses at most one checkpoint interval; a folder of another config without a
     checkpoint is retrained with this run's config, and one with a checkpoint is refused.
     """
-    import eval as eval_lib  # deferred: importing JAX is slow
+    import evaluation  # deferred: importing JAX is slow
     from training import loop
 
     touched = []
@@ -61,7 +61,7 @@ def run_missing(experiment: Experiment, output: Path) -> list[Path]:
                 loop.train_and_evaluate(build_config(run, seed), workdir)
                 touched.append(workdir)
             if not (workdir / EVALUATED).exists():
-                eval_lib.evaluate_workdir(workdir, max_shift=experiment.max_shift)
+                evaluation.evaluate_workdir(workdir, max_shift=experiment.max_shift)
                 touched.append(workdir)
     return touched
 

@@ -1,8 +1,10 @@
 """eval.py and evaluation/: metrics against NumPy, shift invariance of models built to have it
-(or not), activation maps against the summary, the output files, and clear errors."""
+(or not), activation maps against the summary, the output files, clear errors, and the measure
+list driving eval.json, the report and TensorBoard (a subset, a measure added by a test)."""
 
 import json
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +18,11 @@ from PIL import Image
 from test_train import tiny_config
 
 import data
-import eval as eval_lib
+import evaluation
 import models
 from data import builtin
 from errors import UserError
-from evaluation import internals, shift
-from evaluation import metrics as eval_metrics
+from evaluation import base, internals, measures, shift
 from training import runtime
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +55,7 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def evaluated(workdir) -> dict:
-    return eval_lib.evaluate_workdir(workdir, max_shift=MAX_SHIFT)
+    return evaluation.evaluate_workdir(workdir, max_shift=MAX_SHIFT)
 
 
 def _copy(workdir: Path, tmp_path: Path) -> Path:
@@ -72,9 +73,9 @@ def _log_softmax(logits):
 
 
 def test_metrics_equal_numpy_recomputation_from_logits(workdir, evaluated):
-    run = eval_lib.load_run(workdir, "latest")
+    run = evaluation.load_run(workdir, "latest")
     split = run.splits.test
-    logits = np.asarray(jax.jit(eval_lib.apply_fn(run))(run.state, split.images), np.float64)
+    logits = np.asarray(jax.jit(run.apply_fn())(run.state, split.images), np.float64)
     labels = split.labels
     predicted = logits.argmax(axis=1)
     assert evaluated["count"] == len(labels) == 128
@@ -96,7 +97,7 @@ def test_metrics_equal_numpy_recomputation_from_logits(workdir, evaluated):
     ) / len(labels)
     assert evaluated["ece"] == pytest.approx(ece, abs=1e-5)
     assert evaluated["calibration"]["count"] == np.bincount(bins, minlength=15).tolist()
-    mirrored = np.asarray(jax.jit(eval_lib.apply_fn(run))(run.state, split.images[:, :, ::-1]))
+    mirrored = np.asarray(jax.jit(run.apply_fn())(run.state, split.images[:, :, ::-1]))
     tta = (probabilities + np.exp(_log_softmax(mirrored.astype(np.float64)))).argmax(axis=1)
     assert evaluated["tta"] is True  # the tiny config trains with flips
     assert evaluated["tta_flip_accuracy"] == pytest.approx(np.mean(tta == labels))
@@ -154,17 +155,16 @@ def _shift_results(model: nnx.Module, split: data.Split, max_shift: int) -> dict
     def apply(variables, images):
         return nnx.merge(graphdef, variables)(data.normalize(images, 0.5, 0.25))
 
-    sums = eval_metrics.split_sums(
+    fields, _ = base.measure_split(
+        [measures.Shift()],
         apply,
         variables,
         split,
         batch_size=64,
         mesh=runtime.make_mesh(),
-        num_classes=10,
-        max_shift=max_shift,
-        tta=False,
+        options=base.Options(num_classes=10, max_shift=max_shift),
     )
-    return eval_metrics.summarize(sums, max_shift)["shift"]
+    return fields["shift"]
 
 
 def test_circular_stride_one_model_is_exactly_invariant_and_strided_one_is_not():
@@ -195,7 +195,7 @@ def test_activation_maps_have_the_summarys_shapes(workdir, evaluated):
     maps = evaluated["activation_maps"]
     names = [m["layer"] for m in maps if m["image"] == 0]
     assert names == ["conv1", "pool1", "conv2", "pool2", "conv3", "pool3"]
-    assert {m["image"] for m in maps} == set(range(eval_lib.ACTIVATION_IMAGES))
+    assert {m["image"] for m in maps} == set(range(measures.ACTIVATION_IMAGES))
     for m in maps:
         assert m["shape"] == layers[m["layer"]]["out_shape"], m
 
@@ -259,10 +259,10 @@ def test_reads_a_run_that_is_still_training(workdir, tmp_path):
     saving = run_dir / "checkpoints" / "18.orbax-checkpoint-tmp-1795600000"
     saving.mkdir()
     (saving / "partial").write_text("")
-    run = eval_lib.load_run(run_dir, "latest")
+    run = evaluation.load_run(run_dir, "latest")
     assert run.step == 12
     assert (saving / "partial").exists()  # read-only: nothing cleaned up
-    assert eval_lib.load_run(run_dir, "6").step == 6
+    assert evaluation.load_run(run_dir, "6").step == 6
 
 
 def test_corrupt_checkpoint_gives_one_clear_line(workdir, tmp_path):
@@ -270,7 +270,7 @@ def test_corrupt_checkpoint_gives_one_clear_line(workdir, tmp_path):
     for chunk in run_dir.glob("checkpoints/*/state/ocdbt.process_0/d/*"):
         chunk.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="cannot read the checkpoint"):
-        eval_lib.load_run(run_dir, "latest")
+        evaluation.load_run(run_dir, "latest")
     done = subprocess.run(
         [sys.executable, "eval.py", f"--workdir={run_dir}", "--nofigures"],
         cwd=ROOT,
@@ -289,19 +289,134 @@ def test_config_that_does_not_match_the_checkpoint(workdir, tmp_path):
     config["model"]["widths"] = [16, 64, 128]
     (run_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match=r"does not match the checkpoint.*conv1/bias.*\(32,\)"):
-        eval_lib.load_run(run_dir, "latest")
+        evaluation.load_run(run_dir, "latest")
 
 
 def test_missing_workdir_checkpoint_or_split(workdir, tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        eval_lib.evaluate_workdir(tmp_path / "nowhere")
+        evaluation.evaluate_workdir(tmp_path / "nowhere")
     with pytest.raises(UserError, match="no config.json"):
-        eval_lib.evaluate_workdir(tmp_path)
+        evaluation.evaluate_workdir(tmp_path)
     with pytest.raises(UserError, match="no checkpoint at step 7"):
-        eval_lib.load_run(workdir, "7")
+        evaluation.load_run(workdir, "7")
     with pytest.raises(UserError, match="latest, best or a step"):
-        eval_lib.load_run(workdir, "newest")
-    run = eval_lib.load_run(workdir, "best")
+        evaluation.load_run(workdir, "newest")
+    run = evaluation.load_run(workdir, "best")
     assert run.step == json.loads((workdir / "results.json").read_text())["best"]["step"]
     with pytest.raises(UserError, match="unknown split"):
         run.split("holdout")
+
+
+# --- the measure list -------------------------------------------------------------------------
+
+
+def _tensorboard_tags(directory: Path) -> list[str]:
+    """The scalar tags written to the TensorBoard event files in `directory`."""
+    from tensorboardX.proto import event_pb2
+
+    tags = []
+    for path in sorted(directory.iterdir()):
+        raw, i = path.read_bytes(), 0
+        while i < len(raw):  # records: length (8 bytes), its CRC (4), event, its CRC (4)
+            (length,) = struct.unpack("<Q", raw[i : i + 8])
+            event = event_pb2.Event.FromString(raw[i + 12 : i + 12 + length])
+            tags += [value.tag for value in event.summary.value]
+            i += 12 + length + 4
+    return tags
+
+
+HEADER = {"workdir", "checkpoint", "step", "split", "model", "dataset", "class_names", "count"}
+
+
+def test_measures_flag_chooses_the_fields_report_lines_and_scalars(workdir, evaluated):
+    assert evaluated["measures"] == list(measures.DEFAULT)
+    result = evaluation.evaluate_workdir(
+        workdir, "6", max_shift=1, figures=False, measures="calibration,shift"
+    )
+    assert set(result) == HEADER | {"measures", "ece", "calibration", "shift"}
+    assert result["measures"] == ["calibration", "shift"]
+    assert json.loads((workdir / "eval" / "6" / "eval.json").read_text()) == result
+    lines = evaluation.format_report(result).splitlines()
+    assert lines[1] == f"ECE {measures.percent(result['ece'])}"
+    assert lines[2].startswith("shift (pixels)") and lines[-1].startswith("random-pair")
+    assert not any("accuracy:" in line or "images/s" in line for line in lines)
+    assert _tensorboard_tags(workdir / "tensorboard" / "eval_6") == [
+        "test/ece",
+        "test/random_pair_consistency",
+        "test/circular_consistency_at_max_shift",
+        "test/zero_fill_consistency_at_max_shift",
+    ]
+
+
+def test_tta_flag_adds_or_silences_flip_tta():
+    assert evaluation.measure_names("accuracy", tta=True) == ["accuracy", "tta"]
+    assert evaluation.measure_names(["shift", "tta", "shift"], tta=None) == ["shift", "tta"]
+    assert evaluation.measure_names(None, tta=False) == list(measures.DEFAULT)
+
+
+def test_unknown_measure_is_one_clear_line(workdir):
+    valid = ", ".join(base.REGISTRY)
+    with pytest.raises(UserError, match=f"unknown measure 'nonsense'.*choose from {valid}"):
+        evaluation.evaluate_workdir(workdir, measures=["accuracy", "nonsense"])
+    done = subprocess.run(
+        [sys.executable, "eval.py", f"--workdir={workdir}", "--measures=shift,nonsense"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: unknown measure 'nonsense' in --measures; choose from {valid}."
+    )
+
+
+class MeanTopLogit(base.Measure):
+    """A measure of the kind a user adds: batch sums, a field, a scalar, report lines, a figure,
+    and a look at the restored run through the context."""
+
+    name = "mean_top_logit"
+
+    def sums(self, batch):
+        return {"top_logit": jnp.sum(jnp.max(batch.logits, axis=-1) * batch.mask)}
+
+    def run(self, context, sums):
+        value = float(sums["top_logit"]) / context.count
+        return {"mean_top_logit": value, "top_logit_step": context.run.step}
+
+    def scalars(self, result):
+        return {"mean_top_logit": result["mean_top_logit"]}
+
+    def headline(self, result):
+        return [f"top logit {result['mean_top_logit']:.3f}"]
+
+    def report(self, result):
+        return [f"mean top logit at step {result['top_logit_step']}"]
+
+    def figures(self, result, context):
+        Image.new("L", (120, 120)).save(context.out_dir / "top_logit.png")
+        return {"top_logit_figure": "top_logit.png"}
+
+
+@pytest.fixture
+def registered():
+    base.register(MeanTopLogit)
+    yield MeanTopLogit
+    del base.REGISTRY[MeanTopLogit.name]
+
+
+def test_a_registered_measure_shows_up_everywhere(workdir, registered):
+    result = evaluation.evaluate_workdir(
+        workdir, "12", max_shift=0, measures=["accuracy", registered.name]
+    )
+    run = evaluation.load_run(workdir, "12")
+    logits = np.asarray(jax.jit(run.apply_fn())(run.state, run.splits.test.images))
+    assert result["mean_top_logit"] == pytest.approx(logits.max(axis=1).mean(), rel=1e-5)
+    assert result["top_logit_step"] == 12 and result["top_logit_figure"] == "top_logit.png"
+    assert result["figures"] == ["confusion_matrix.png", "top_logit.png"]
+    assert json.loads((workdir / "eval" / "12" / "eval.json").read_text()) == result
+    report = evaluation.format_report(result).splitlines()
+    assert report[1].endswith(f"top logit {result['mean_top_logit']:.3f}")
+    assert report[-1] == "mean top logit at step 12"
+    tags = _tensorboard_tags(workdir / "tensorboard" / "eval_12")
+    assert tags == ["test/accuracy", "test/loss", "test/mean_top_logit"]

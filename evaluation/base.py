@@ -1,0 +1,238 @@
+"""What a measure is, what it sees, and the one jit-compiled pass that feeds every measure.
+
+A `Measure` (see `evaluation.measures` for today's) owns everything about one quantity: its
+per-batch sums (jit-able, added up over the split in ONE compiled pass shared by all measures),
+its eval.json fields, its TensorBoard scalars, its lines of the terminal report and its figures.
+eval.json, TensorBoard and the report are made by going through the chosen measures in order.
+A measure that needs more than batch sums (a timed pass, the layers' activations, probes of
+the restored run) does that in `run`, which gets a `Context`: the restored run, the split, the
+apply function and the options.
+
+The model enters as `apply_fn(variables, images) -> logits`: uint8 images [B, H, W, C] in,
+float32 logits [B, classes] out (normalisation inside), so the same pass measures a trained
+network or any hand-built module (the tests' exactly shift-invariant one). Every sum is
+weighted by the eval batches' mask, so padding never counts and each example counts once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import data
+from errors import UserError
+from evaluation import shift
+
+ApplyFn = Callable[[Any, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The settings of one evaluation, the same for every measure (static under jit)."""
+
+    num_classes: int
+    max_shift: int = 8  # the largest shift k, in pixels, of the shift measures
+    tta: bool = False  # measure flip test-time augmentation
+
+
+class Batch:
+    """One eval batch inside the compiled pass: images [B, H, W, C] uint8, labels [B], mask [B]
+    (1 for a real example), its `index` in the pass, and the model's outputs that measures
+    share (`logits`, `shift_logits`), each computed at most once."""
+
+    def __init__(self, apply_fn, variables, batch, index, options: Options, shift_curves: bool):
+        self.images, self.labels, self.mask = batch["image"], batch["label"], batch["mask"]
+        self.index = index
+        self.options = options
+        self._apply_fn, self._variables = apply_fn, variables
+        self._shift_curves = shift_curves
+
+    def apply(self, images: jax.Array) -> jax.Array:
+        """Returns the model's logits [B, classes] of uint8 `images` [B, H, W, C]."""
+        return self._apply_fn(self._variables, images)
+
+    @functools.cached_property
+    def shift_logits(self) -> jax.Array:
+        """Logits [K + 1, 2, B, classes] of the images moved k = 0..K (options.max_shift)
+        pixels, circular then zero fill; example r in direction r mod 4 (`shift.DIRECTIONS`).
+
+        One compiled loop body serves every shift; shift 0 is the unshifted image, computed by
+        the same code as the others, so its consistency is exactly 1.
+        """
+        size = self.images.shape[0]
+
+        def logits_at(k):
+            offsets = shift.curve_offsets(size, k)
+            moved = [shift.translate(self.images, offsets, circular=c) for c in (True, False)]
+            return jnp.stack([self.apply(images) for images in moved])
+
+        return jax.lax.map(logits_at, jnp.arange(self.options.max_shift + 1))
+
+    @functools.cached_property
+    def logits(self) -> jax.Array:
+        """The logits [B, classes] of the unshifted images: shift 0 of `shift_logits` when a
+        measure uses those (one forward pass serves both), else their own forward pass."""
+        if self._shift_curves:
+            return self.shift_logits[0, 0]
+        return self.apply(self.images)
+
+
+@dataclasses.dataclass(eq=False)
+class Context:
+    """What a measure's `run` and `figures` may use beyond its batch sums.
+
+    `run`: the restored training run (`evaluation.run.Run`; None when a bare model is measured),
+    `split`/`split_name`: the examples measured, `apply_fn`/`variables`: the model, `count`:
+    the number of examples, `out_dir`: where the figures go.
+    """
+
+    options: Options
+    split: data.Split
+    apply_fn: ApplyFn
+    variables: Any
+    count: int
+    run: Any = None
+    split_name: str = "test"
+    out_dir: Path | None = None
+
+    @functools.cached_property
+    def evaluation(self) -> dict[str, float]:
+        """{'loss', 'accuracy', 'count', 'images_per_s'} of the split by the run's compiled eval
+        step (one timed pass, shared by the measures that read it)."""
+        if self.run is None:
+            raise ValueError("the eval step's pass needs a restored run (Context.run)")
+        return self.run.timed_evaluation(self.split)
+
+
+class Measure:
+    """One thing eval measures. Subclasses set `name` and override what they need; each hook's
+    default contributes nothing. Register a subclass with `@register` to make it selectable by
+    name (`--measures=`). Measures keep no state: everything comes in through the arguments."""
+
+    name: ClassVar[str] = ""
+    # True when `sums` reads `batch.shift_logits`: then `batch.logits` is their shift 0.
+    shift_curves: ClassVar[bool] = False
+
+    def sums(self, batch: Batch) -> dict[str, jax.Array]:
+        """Jit-able sums over the real examples of one batch (weighted by batch.mask); the
+        pass adds them up over the split and hands the totals to `run`."""
+        return {}
+
+    def run(self, context: Context, sums: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Returns this measure's eval.json fields (JSON-ready) from the totals of its `sums`
+        over the split, and from anything else it measures through `context`."""
+        return {}
+
+    def scalars(self, result: dict[str, Any]) -> dict[str, float]:
+        """The TensorBoard scalars (name: value) of an evaluation `result` (eval.json)."""
+        return {}
+
+    def headline(self, result: dict[str, Any]) -> list[str]:
+        """Short items of the report's summary line, e.g. 'ECE 1.7%'."""
+        return []
+
+    def report(self, result: dict[str, Any]) -> list[str]:
+        """Lines of the terminal report, below the summary line."""
+        return []
+
+    def figures(self, result: dict[str, Any], context: Context) -> dict[str, Any]:
+        """Draws this measure's PNG figures into context.out_dir; returns eval.json fields that
+        describe them (most measures: none)."""
+        return {}
+
+
+REGISTRY: dict[str, type[Measure]] = {}
+
+
+def register(cls: type[Measure]) -> type[Measure]:
+    """Class decorator: makes the Measure subclass `cls` selectable by its `name`."""
+    if not cls.name or cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise ValueError(f"measure {cls.__name__}: its name {cls.name!r} is empty or taken")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def select(names: Sequence[str]) -> list[Measure]:
+    """Returns the registered measures `names`, in that order, each once; UserError for an
+    unknown name, listing the valid ones."""
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        raise UserError(
+            f"unknown measure {unknown[0]!r} in --measures; choose from {', '.join(REGISTRY)}."
+        )
+    return [REGISTRY[n]() for n in dict.fromkeys(names)]
+
+
+def batch_sums(
+    measures: Sequence[Measure], apply_fn: ApplyFn, options: Options, variables, batch, index
+) -> dict[str, Any]:
+    """Returns {'count': real examples, <measure name>: its sums} of one batch (jit-able)."""
+    view = Batch(apply_fn, variables, batch, index, options, any(m.shift_curves for m in measures))
+    sums = {"count": jnp.sum(view.mask)}
+    for measure in measures:
+        sums[measure.name] = measure.sums(view)
+    return sums
+
+
+def split_sums(
+    measures: Sequence[Measure],
+    apply_fn: ApplyFn,
+    variables,
+    split: data.Split,
+    *,
+    batch_size: int,
+    mesh: Mesh,
+    options: Options,
+) -> dict[str, Any]:
+    """Returns `batch_sums` added up over every example of `split` (host numpy arrays).
+
+    Batches of `batch_size` are split over the mesh's 'data' axis; `variables` are used as
+    laid out (replicated, for a restored train state). One program for all measures, compiled
+    once.
+    """
+    step = jax.jit(functools.partial(batch_sums, tuple(measures), apply_fn, options))
+    totals = None
+    batches = data.eval_batches(
+        split, global_batch_size=batch_size, sharding=NamedSharding(mesh, P("data"))
+    )
+    for index, batch in enumerate(batches):
+        sums = step(variables, batch, np.int32(index))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    return jax.device_get(totals)
+
+
+def measure_split(
+    measures: Sequence[Measure],
+    apply_fn: ApplyFn,
+    variables,
+    split: data.Split,
+    *,
+    batch_size: int,
+    mesh: Mesh,
+    options: Options,
+    **context,
+) -> tuple[dict[str, Any], Context]:
+    """Runs `measures` on `split`: one pass for their sums, then each one's `run`.
+
+    Returns (fields, context): the measures' eval.json fields, in their order, and the
+    `Context` they ran in (its other fields, e.g. `run`, `split_name`, `out_dir`, come from
+    the keyword arguments).
+    """
+    totals = split_sums(
+        measures, apply_fn, variables, split, batch_size=batch_size, mesh=mesh, options=options
+    )
+    count = int(round(float(totals["count"])))
+    ctx = Context(options, split, apply_fn, variables, count, **context)
+    fields = {}
+    for measure in measures:
+        fields.update(measure.run(ctx, totals[measure.name]))
+    return fields, ctx
