@@ -54,7 +54,11 @@ def override(config: ml_collections.ConfigDict, values: Mapping[str, Any]) -> No
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:
-    """Returns the ConfigDict saved as config.json in a workdir (lists become tuples)."""
+    """Returns the ConfigDict saved as config.json in a workdir (lists become tuples).
+
+    A field added to configs/base.py after the run was saved gets its default value, so runs
+    of earlier versions can still be evaluated; the model section is taken as saved.
+    """
 
     def tuples(x):
         if isinstance(x, dict):
@@ -63,4 +67,20 @@ def from_json(text: str) -> ml_collections.ConfigDict:
             return tuple(tuples(v) for v in x)
         return x
 
-    return ml_collections.ConfigDict(tuples(json.loads(text)))
+    def with_defaults(saved: dict, defaults: dict) -> dict:
+        merged = dict(saved)
+        for key, value in defaults.items():
+            if key not in merged:
+                merged[key] = value
+            elif isinstance(value, dict) and isinstance(merged[key], dict):
+                merged[key] = with_defaults(merged[key], value)
+        return merged
+
+    from configs import base  # deferred: base imports models
+
+    saved = tuples(json.loads(text))
+    if not isinstance(saved, dict):
+        raise ValueError("not a JSON object")
+    defaults = base.get_config().to_dict()
+    defaults.pop("model")
+    return ml_collections.ConfigDict(with_defaults(saved, defaults))

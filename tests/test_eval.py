@@ -292,6 +292,17 @@ def test_config_that_does_not_match_the_checkpoint(workdir, tmp_path):
         evaluation.load_run(run_dir, "latest")
 
 
+def test_run_saved_before_a_config_field_existed_is_evaluated(workdir, tmp_path):
+    # config.json of an earlier version of the project lacks the fields added since
+    run_dir = _copy(workdir, tmp_path)
+    config = json.loads((run_dir / "config.json").read_text())
+    added = config["distributed"].pop("initialization_timeout")
+    (run_dir / "config.json").write_text(json.dumps(config))
+    run = evaluation.load_run(run_dir, "latest")
+    assert run.config.distributed.initialization_timeout == added  # the default
+    assert run.step == 12
+
+
 def test_missing_workdir_checkpoint_or_split(workdir, tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         evaluation.evaluate_workdir(tmp_path / "nowhere")
