@@ -3,13 +3,14 @@ matrix, calibration, test-time cost, flip test-time augmentation, translation in
 figures of what the layers do.
 
     python eval.py --workdir=runs/pooled [--checkpoint=latest|best|STEP] [--max_shift=8]
-                   [--split=test] [--nofigures] [--tta|--notta]
+                   [--split=test] [--nofigures] [--tta|--notta] [--output=DIR]
                    [--measures=accuracy,calibration,speed,tta,shift,internals]
 
 Writes WORKDIR/eval/<checkpoint>/eval.json and the PNG figures next to it, and the scalars to
-TensorBoard (WORKDIR/tensorboard/eval_<checkpoint>). The run may still be training: the
-checkpoints are opened read-only (nothing there is created, cleaned up or deleted) and the
-newest complete one is read.
+TensorBoard (WORKDIR/tensorboard/eval_<checkpoint>); with --output=DIR, DIR/eval.json, the
+figures and DIR/tensorboard instead (for a read-only or full workdir). The folder is checked
+before any work. The run may still be training: the checkpoints are opened read-only
+(nothing there is created, cleaned up or deleted) and the newest complete one is read.
 
 The measures (`evaluation.measures`; eval.json "measures" lists those that ran):
 - accuracy: "accuracy" and "loss" of the eval step, "per_class_accuracy" and
@@ -60,6 +61,12 @@ def define_flags() -> None:
     flags.DEFINE_bool(
         "tta", None, "Measure flip test-time augmentation (default: if the run trained with flips)."
     )
+    flags.DEFINE_string(
+        "output",
+        None,
+        "Folder for eval.json, the figures and TensorBoard scalars (default: "
+        "WORKDIR/eval/<checkpoint>); checked before the work starts.",
+    )
     flags.DEFINE_list(
         "measures",
         list(measures.DEFAULT),
@@ -83,6 +90,7 @@ def main(argv):
             split=f.split,
             tta=f.tta,
             measures=f.measures,
+            output=f.output,
         )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
@@ -91,7 +99,7 @@ def main(argv):
         os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
         sys.exit(1)
     print(evaluation.format_report(result))
-    out_dir = Path(result["workdir"]) / "eval" / result["checkpoint"]
+    out_dir = Path(f.output or Path(result["workdir"]) / "eval" / result["checkpoint"])
     print(f"wrote {out_dir / 'eval.json'} and {len(result.get('figures', []))} figures")
 
 

@@ -1,6 +1,6 @@
 """Evaluating a trained run from its workdir: the chosen measures on one split, written to
-WORKDIR/eval/<checkpoint>/eval.json with the PNG figures beside it and to TensorBoard
-(WORKDIR/tensorboard/eval_<checkpoint>), and the terminal report of the result.
+WORKDIR/eval/<checkpoint>/eval.json (or another output folder) with the PNG figures beside it
+and to TensorBoard (WORKDIR/tensorboard/eval_<checkpoint>), and the terminal report.
 
 eval.json, TensorBoard and the report are made by going through the measures in order (see
 `evaluation.base.Measure`): nothing here names a particular measure.
@@ -16,7 +16,7 @@ from absl import logging
 from errors import UserError
 from evaluation import base
 from evaluation import measures as measures_lib
-from evaluation.run import load_run, parse_checkpoint
+from evaluation.run import load_run, parse_checkpoint, read_config
 
 
 def measure_names(measures: str | Sequence[str] | None, tta: bool | None) -> list[str]:
@@ -60,22 +60,31 @@ def evaluate_workdir(
     split: str = "test",
     tta: bool | None = None,
     measures: str | Sequence[str] | None = None,
+    output: str | Path | None = None,
 ) -> dict:
     """Evaluates the run in `workdir` at `checkpoint` ('latest', 'best' or a step) on `split`.
 
     `measures`: the names of the measures to run (default `measures.DEFAULT`, all of them).
     `tta` (flip test-time augmentation): None measures it when the run trained with flips;
     True adds it to `measures`. Shift measures go up to `max_shift` pixels.
-    Returns the results, also written to WORKDIR/eval/<checkpoint>/eval.json with the figures
-    (when `figures`) beside it, and their scalars to TensorBoard.
+    Returns the results, also written to WORKDIR/eval/<checkpoint>/eval.json (or
+    `output`/eval.json) with the figures (when `figures`) beside it, and their scalars to
+    TensorBoard (WORKDIR/tensorboard/eval_<checkpoint>, or `output`/tensorboard).
     Raises UserError for an unknown measure, a missing workdir, config or checkpoint, a corrupt
-    checkpoint, or a config that does not match the checkpoint.
+    checkpoint, a config that does not match the checkpoint, or an output folder that cannot
+    be written (checked before the work starts).
     """
     if max_shift < 0:
         raise UserError(f"--max_shift={max_shift}: must be >= 0.")
     checkpoint = str(parse_checkpoint(checkpoint))
     names = measure_names(measures, tta)
     chosen = base.select(names)
+    workdir = Path(workdir).expanduser()
+    read_config(workdir)  # a workdir that is not a run: say so first
+    default = workdir / "eval" / checkpoint
+    out_dir = _writable_folder(Path(output).expanduser() if output else default)
+    tb_dir = out_dir / "tensorboard" if output else default.parent.parent / "tensorboard"
+    _writable_folder(tb_dir / f"eval_{checkpoint}")
     run = load_run(workdir, checkpoint)
     examples = run.split(split)
     tta = run.config.dataset.augment_flip if tta is None else tta
@@ -84,8 +93,6 @@ def evaluate_workdir(
         "evaluating step %d of %s on %d %s images: %s",
         *(run.step, workdir, len(examples), split, ", ".join(names)),
     )
-    out_dir = run.workdir / "eval" / checkpoint
-    out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("*.png"):  # a previous evaluation's figures
         stale.unlink()
     fields, context = base.measure_split(
@@ -109,16 +116,31 @@ def evaluate_workdir(
     partial = out_dir / "eval.json.tmp"
     partial.write_text(json.dumps(result, indent=2))
     partial.replace(out_dir / "eval.json")
-    _write_tensorboard(run.workdir, result, chosen)
+    _write_tensorboard(tb_dir, result, chosen)
     return result
 
 
-def _write_tensorboard(workdir: Path, result: dict, chosen: Sequence[base.Measure]) -> None:
+def _writable_folder(folder: Path) -> Path:
+    """Creates `folder` and checks that a file can be written there; UserError otherwise."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_text("probe")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(
+            f"cannot write the evaluation to {folder} ({e.strerror}); pass --output=DIR, a "
+            "writable folder (e.g. for a read-only or full workdir)."
+        ) from e
+    return folder
+
+
+def _write_tensorboard(tb_dir: Path, result: dict, chosen: Sequence[base.Measure]) -> None:
     """Writes the measures' scalars of `result` at its checkpoint step to TensorBoard, as
-    '<split>/<name>'."""
+    '<split>/<name>', under `tb_dir`/eval_<checkpoint>."""
     from tensorboardX import SummaryWriter
 
-    writer = SummaryWriter(str(workdir / "tensorboard" / f"eval_{result['checkpoint']}"))
+    writer = SummaryWriter(str(tb_dir / f"eval_{result['checkpoint']}"))
     for measure in chosen:
         for key, value in measure.scalars(result).items():
             writer.add_scalar(f"{result['split']}/{key}", value, result["step"])
