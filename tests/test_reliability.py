@@ -555,3 +555,50 @@ def test_two_processes_declared_one_started_times_out_with_a_message(tmp_path):
     )
     assert_one_clear_line(out, "not all 2 processes joined", "within 3 s")
     assert time.time() - start < 60
+
+
+def _eval_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "eval.py", "--measures=accuracy", "--nofigures", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_eval_output_folder_is_a_flag_checked_before_the_work(tmp_path):
+    from tests.test_train import tiny_config
+
+    workdir = tmp_path / "run"
+    loop.train_and_evaluate(tiny_config(steps=6), workdir)
+    # a read-only workdir (e.g. another user's run): a read-only bind mount of it
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    mounted = subprocess.run(["mount", "--bind", str(workdir), str(readonly)], check=False)
+    if mounted.returncode != 0:
+        pytest.skip("cannot bind-mount here")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(readonly)], check=True)
+        out = _eval_cli(f"--workdir={readonly}")
+        assert_one_clear_line(out, "cannot write the evaluation to", "--output=DIR")
+        assert "evaluating step" not in out.stderr  # refused before loading anything
+        out = _eval_cli(f"--workdir={readonly}", f"--output={tmp_path / 'elsewhere'}")
+        assert out.returncode == 0, out.stderr[-2000:]
+    finally:
+        subprocess.run(["umount", "-l", str(readonly)], check=False)
+    assert json.loads((tmp_path / "elsewhere" / "eval.json").read_text())["step"] == 6
+    assert any((tmp_path / "elsewhere" / "tensorboard").iterdir())
+    assert not (workdir / "eval").exists()
+
+
+def test_a_field_added_to_base_since_the_run_was_saved_does_not_block_the_resume(tmp_path):
+    from tests.test_train import tiny_config
+
+    config = tiny_config(steps=6)
+    loop.train_and_evaluate(config, tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["training"]["keep_checkpoints"]  # as if the field came with a later version
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    (tmp_path / "results.json").unlink()
+    assert loop.train_and_evaluate(config, tmp_path)["steps"] == 6

@@ -60,7 +60,14 @@ def read_config(path: Path) -> dict:
 
 
 def differences_from(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
-    """The fields where `config` differs from a saved config, except those a resume may change."""
+    """The fields where `config` differs from a saved config, except those a resume may change.
+
+    A field added to configs/base.py after the run was saved counts as saved with its default
+    (as `configs.from_json` reads it), so a new version of the project still resumes old runs.
+    """
+    import configs
+
+    saved = json.loads(configs.from_json(json.dumps(saved)).to_json())
     differences = config_differences(saved, json.loads(config.to_json()))
     return [d for d in differences if not d.startswith(RESUMABLE_CHANGES)]
 
