@@ -28,6 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dataset.eval_split = "test"  # 'validation' | 'test': what the periodic evaluation uses
     c.dataset.builtin_train_size = 20_000
     c.dataset.builtin_test_size = 2_000
+    c.dataset.builtin_image_size = 32  # side of the built-in images, in pixels (>= 8)
     c.dataset.augment_crop_padding = 4  # random crop after zero padding; 0 turns it off
     c.dataset.augment_flip = True  # random horizontal flip
 

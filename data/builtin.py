@@ -29,6 +29,8 @@ CLASS_NAMES = (
     "l_shape",
 )
 NUM_CLASSES = len(CLASS_NAMES)
+IMAGE_SIZE = 32  # the default side, in pixels; `generate` takes any size >= MIN_IMAGE_SIZE
+MIN_IMAGE_SIZE = 8
 
 # Fixed seeds of the train and test images, so every run (whatever its training seed) sees the
 # same data, as with CIFAR. The streams differ, so no test image repeats a training image.

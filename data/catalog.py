@@ -82,4 +82,12 @@ def dataset_info(ds_cfg: ml_collections.ConfigDict) -> DatasetInfo:
             f"config.dataset.name='builtin' is generated, not read: set dataset.source to "
             f"'auto' or 'builtin' (it is {ds_cfg.source!r})."
         )
+    if ds_cfg.name == "builtin":
+        size = ds_cfg.get("builtin_image_size", builtin.IMAGE_SIZE)
+        if isinstance(size, bool) or not isinstance(size, int) or size < builtin.MIN_IMAGE_SIZE:
+            raise UserError(
+                f"config.dataset.builtin_image_size={size!r}: must be an integer >= "
+                f"{builtin.MIN_IMAGE_SIZE} (pixels)."
+            )
+        return dataclasses.replace(_INFOS["builtin"], image_shape=(size, size, 3))
     return _INFOS[ds_cfg.name]

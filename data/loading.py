@@ -69,8 +69,12 @@ def _read(ds_cfg: ml_collections.ConfigDict, source: str) -> dict[str, files.Arr
             if ds_cfg[field] <= 0:
                 raise UserError(f"config.dataset.{field}={ds_cfg[field]} must be > 0.")
         return {
-            "train": builtin.generate(ds_cfg.builtin_train_size, seed=builtin.TRAIN_SEED),
-            "test": builtin.generate(ds_cfg.builtin_test_size, seed=builtin.TEST_SEED),
+            split: builtin.generate(
+                ds_cfg[f"builtin_{split}_size"],
+                seed=seed,
+                image_size=ds_cfg.get("builtin_image_size", builtin.IMAGE_SIZE),
+            )
+            for split, seed in (("train", builtin.TRAIN_SEED), ("test", builtin.TEST_SEED))
         }
     if source == "files":
         return files.read(ds_cfg.name, ds_cfg.data_dir)

@@ -48,3 +48,24 @@ def test_the_box_holds_the_object():
 def test_other_image_sizes():
     images, _ = builtin.generate(4, seed=0, image_size=48)
     assert images.shape == (4, 48, 48, 3)
+
+
+def test_image_size_from_the_config_reaches_the_data_and_the_model():
+    import pytest
+
+    import data
+    from configs import builtin as builtin_config
+    from configs import schema
+    from errors import UserError
+
+    config = builtin_config.get_config("resnet20")
+    config.dataset.builtin_image_size = 16
+    config.dataset.builtin_train_size, config.dataset.builtin_test_size = 20, 10
+    info, specs = schema.validate(config)
+    assert info.image_shape == (16, 16, 3) and specs[0].in_shape == (16, 16, 3)
+    splits = data.load(config.dataset, seed=0)
+    assert splits.train.images.shape == (20, 16, 16, 3)
+    assert splits.test.images.shape == (10, 16, 16, 3)
+    config.dataset.builtin_image_size = 4
+    with pytest.raises(UserError, match="builtin_image_size=4: must be an integer >= 8"):
+        schema.validate(config)
