@@ -4,7 +4,8 @@ figures of what the layers do.
 
     python eval.py --workdir=runs/pooled [--checkpoint=latest|best|STEP] [--max_shift=8]
                    [--split=test] [--nofigures] [--tta|--notta] [--output=DIR]
-                   [--measures=accuracy,calibration,speed,tta,shift,internals]
+                   [--measures=accuracy,calibration,speed,tta,shift,layer_invariance,internals]
+                   (opt-in, add: probes, top_patches)
 
 Writes WORKDIR/eval/<checkpoint>/eval.json and the PNG figures next to it, and the scalars to
 TensorBoard (WORKDIR/tensorboard/eval_<checkpoint>); with --output=DIR, DIR/eval.json, the
@@ -20,7 +21,17 @@ The measures (`evaluation.measures`; eval.json "measures" lists those that ran):
 - tta: "tta_flip_accuracy", the accuracy of the mean softmax of each image and its mirror
   image; by default measured only when the run trained with flips ("tta" says whether it was).
 - shift: translation invariance (below).
-- internals (with figures): the first layer's filters, activation maps, a pooling window.
+- layer_invariance: invariance to circular shifts of 1..k pixels through the layers: per probe
+  point (the input, each conv/dense activation, pooling, residual block, global pool, scores)
+  the normalised cosine similarity of its output for an image and its shifted copy, globally
+  pooled and as a whole map (`evaluation.invariance` has the formula); shares the shift pass.
+- internals (with figures): the first layer's filters, activation maps, and pooling worked
+  through: a spatial window (max, average, L2) and a channel window (depth) of a real map.
+- probes (opt-in): linear probes per layer (Alain & Bengio 2016): a softmax classifier on each
+  probe point's pooled features of 4096 training images, scored on the split; accuracy by depth
+  and receptive field (`evaluation.probes`).
+- top_patches (opt-in): for 6 units of up to 8 layers, the 6 images that activate each most,
+  cropped to the unit's receptive field (`evaluation.patches`).
 
 Translation invariance (eval.json "shift"), measured in pixel space before normalisation:
 - "shifts" 0..k and, for "circular" and "zero_fill" shifts, "accuracy" and "consistency" (the

@@ -4,12 +4,16 @@
 - `base`: what a measure is (`Measure`: its batch sums, eval.json fields, TensorBoard scalars,
   report lines, figures), its inputs, the registry by name, and the one jit-compiled pass over
   a split that sums what every measure needs.
-- `measures`: today's measures (accuracy, calibration, speed, tta, shift, internals).
+- `measures`: the output measures (accuracy, calibration, speed, tta, shift, internals); it
+  imports the per-layer ones, which register themselves:
+- `invariance` (layer_invariance: invariance to shifts through the layers), `probes` (linear
+  probes per layer), `patches` (top_patches: what each layer's units respond to);
+- `taps`: reading a model's layers: the probe points, receptive-field windows, pooled features.
 - `evaluate`: `evaluate_workdir` (the measures on a split, written to eval.json, figures and
   TensorBoard) and `format_report` (the terminal summary).
 - `shift`: moving images by whole pixels (circular or zero fill), on the device.
-- `internals`: what the layers do: which layers to draw, the first layer's filters, and one
-  pooling window worked through with real numbers.
+- `internals`: what the layers do: which layers to draw, the first layer's filters, and
+  pooling worked through with real numbers (a spatial window and a channel window).
 - `figures`: the PNG files (matplotlib, no pyplot state).
 """
 

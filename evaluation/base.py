@@ -12,6 +12,11 @@ The model enters as `apply_fn(variables, images) -> logits`: uint8 images [B, H,
 float32 logits [B, classes] out (normalisation inside), so the same pass measures a trained
 network or any hand-built module (the tests' exactly shift-invariant one). Every sum is
 weighted by the eval batches' mask, so padding never counts and each example counts once.
+
+The layers enter as a `taps.Tap` (the probe points and a function that reads them): a measure
+with `shift_features` compares the layers' outputs of shifted images in the same pass (and the
+same forward passes) as the shift curves; the probes and the top patches read them
+in passes of their own, from `run`.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 import data
 from errors import UserError
-from evaluation import shift
+from evaluation import shift, taps
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
 
@@ -47,40 +52,99 @@ class Options:
 class Batch:
     """One eval batch inside the compiled pass: images [B, H, W, C] uint8, labels [B], mask [B]
     (1 for a real example), its `index` in the pass, and the model's outputs that measures
-    share (`logits`, `shift_logits`), each computed at most once."""
+    share (`logits`, `shift_logits`, `shift_features`), each computed at most once."""
 
-    def __init__(self, apply_fn, variables, batch, index, options: Options, shift_curves: bool):
+    def __init__(
+        self,
+        apply_fn,
+        variables,
+        batch,
+        index,
+        options: Options,
+        shift_curves: bool,
+        tap: taps.Tap | None = None,
+        shift_features: bool = False,
+    ):
         self.images, self.labels, self.mask = batch["image"], batch["label"], batch["mask"]
         self.index = index
         self.options = options
+        self.tap = tap
         self._apply_fn, self._variables = apply_fn, variables
         self._shift_curves = shift_curves
+        self._shift_features = shift_features
 
     def apply(self, images: jax.Array) -> jax.Array:
         """Returns the model's logits [B, classes] of uint8 `images` [B, H, W, C]."""
         return self._apply_fn(self._variables, images)
 
     @functools.cached_property
-    def shift_logits(self) -> jax.Array:
-        """Logits [K + 1, 2, B, classes] of the images moved k = 0..K (options.max_shift)
-        pixels, circular then zero fill; example r in direction r mod 4 (`shift.DIRECTIONS`).
+    def layer_outputs(self) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(logits [B, classes], {probe point: its output [B, ...]}) of the unshifted images,
+        read through the tap (`evaluation.taps.Tap`)."""
+        if self.tap is None:
+            raise ValueError("a measure reads the layers: pass split_sums(..., tap=...)")
+        logits, outputs = self.tap.capture(self._variables, self.images)
+        return logits, {name: outputs[name] for name in self.tap.names}
 
-        One compiled loop body serves every shift; shift 0 is the unshifted image, computed by
-        the same code as the others, so its consistency is exactly 1.
+    @functools.cached_property
+    def _shifted(self) -> dict[str, Any]:
+        """The outputs of the images moved k = 0..K (options.max_shift) pixels, example r in
+        direction r mod 4 (`shift.DIRECTIONS`): 'logits' [K + 1, 2, B, classes] (circular,
+        zero fill) when a measure has `shift_curves`; 'similarity' {point: {'pooled', 'map'}:
+        [K + 1, B]} (`taps.similarity` of each probe point's output of the circularly moved
+        image with the unshifted image's) when one has `shift_features`.
+
+        One compiled loop body serves every shift, and a tapped pass reads the logits and the
+        layers of a moved image in one forward pass. Shift 0 is the unshifted image, computed
+        by the same code as the others (tapped: the unshifted pass itself), so its consistency
+        is exactly 1.
         """
-        size = self.images.shape[0]
+        size, features = self.images.shape[0], self._shift_features
+        if features:
+            reference_logits, reference = self.layer_outputs
 
-        def logits_at(k):
+        def outputs_at(k):
             offsets = shift.curve_offsets(size, k)
-            moved = [shift.translate(self.images, offsets, circular=c) for c in (True, False)]
-            return jnp.stack([self.apply(images) for images in moved])
+            circular = shift.translate(self.images, offsets, circular=True)
+            out = {}
+            if features:
+                logits, moved = self.tap.capture(self._variables, circular)
+                out["similarity"] = {n: taps.similarity(moved[n], reference[n]) for n in reference}
+            else:
+                logits = self.apply(circular)
+            if self._shift_curves:
+                filled = self.apply(shift.translate(self.images, offsets, circular=False))
+                out["logits"] = jnp.stack([logits, filled])
+            return out
 
-        return jax.lax.map(logits_at, jnp.arange(self.options.max_shift + 1))
+        if not features:
+            return jax.lax.map(outputs_at, jnp.arange(self.options.max_shift + 1))
+        ones = jnp.ones((size,), jnp.float32)
+        first = {"similarity": {n: {"pooled": ones, "map": ones} for n in reference}}
+        if self._shift_curves:
+            first["logits"] = jnp.stack([reference_logits, reference_logits])
+        moved = jax.lax.map(outputs_at, jnp.arange(1, self.options.max_shift + 1))
+        return jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, moved)
+
+    @property
+    def shift_logits(self) -> jax.Array:
+        """Logits [K + 1, 2, B, classes] of the images moved k = 0..K pixels, circular then
+        zero fill (see `_shifted`; the measure sets `shift_curves`)."""
+        return self._shifted["logits"]
+
+    @property
+    def shift_similarity(self) -> dict[str, dict[str, jax.Array]]:
+        """{probe point: {'pooled', 'map'}: cosine similarity [K + 1, B]} of the point's output
+        of the image moved k = 0..K pixels (circular) with the unshifted image's (see
+        `_shifted`; the measure sets `shift_features`)."""
+        return self._shifted["similarity"]
 
     @functools.cached_property
     def logits(self) -> jax.Array:
-        """The logits [B, classes] of the unshifted images: shift 0 of `shift_logits` when a
-        measure uses those (one forward pass serves both), else their own forward pass."""
+        """The logits [B, classes] of the unshifted images: from the pass that measures use
+        anyway (the tapped pass, or shift 0 of the shift curves), else their own forward pass."""
+        if self._shift_features:
+            return self.layer_outputs[0]
         if self._shift_curves:
             return self.shift_logits[0, 0]
         return self.apply(self.images)
@@ -92,7 +156,10 @@ class Context:
 
     `run`: the restored training run (`evaluation.run.Run`; None when a bare model is measured),
     `split`/`split_name`: the examples measured, `apply_fn`/`variables`: the model, `count`:
-    the number of examples, `out_dir`: where the figures go.
+    the number of examples, `out_dir`: where the figures go, `tap`: the model's probe points
+    and how to read them (`evaluation.taps.Tap`; None: no layer measures), `batch_size` and
+    `mesh`: how the pass ran (for a measure's own passes), `train_split`: training examples
+    (the probes'; default: the run's).
     """
 
     options: Options
@@ -103,6 +170,25 @@ class Context:
     run: Any = None
     split_name: str = "test"
     out_dir: Path | None = None
+    tap: taps.Tap | None = None
+    batch_size: int = 0
+    mesh: Mesh | None = None
+    train_examples: data.Split | None = None
+
+    @property
+    def train_split(self) -> data.Split:
+        """The training examples: `train_examples` when given, else the run's training split."""
+        if self.train_examples is not None:
+            return self.train_examples
+        if self.run is None:
+            raise ValueError("no training split: pass train_examples or a restored run")
+        return self.run.splits.train
+
+    def require_tap(self, measure: str) -> taps.Tap:
+        """Returns `tap`; ValueError naming `measure` when there is none."""
+        if self.tap is None:
+            raise ValueError(f"measure {measure!r} reads the layers: it needs a Context.tap")
+        return self.tap
 
     @functools.cached_property
     def evaluation(self) -> dict[str, float]:
@@ -121,6 +207,9 @@ class Measure:
     name: ClassVar[str] = ""
     # True when `sums` reads `batch.shift_logits`: then `batch.logits` is their shift 0.
     shift_curves: ClassVar[bool] = False
+    # True when `sums` reads `batch.shift_similarity` (the tap's layers under circular
+    # shifts): the circular logits then come from the same forward passes.
+    shift_features: ClassVar[bool] = False
 
     def sums(self, batch: Batch) -> dict[str, jax.Array]:
         """Jit-able sums over the real examples of one batch (weighted by batch.mask); the
@@ -173,10 +262,25 @@ def select(names: Sequence[str]) -> list[Measure]:
 
 
 def batch_sums(
-    measures: Sequence[Measure], apply_fn: ApplyFn, options: Options, variables, batch, index
+    measures: Sequence[Measure],
+    apply_fn: ApplyFn,
+    options: Options,
+    tap: taps.Tap | None,
+    variables,
+    batch,
+    index,
 ) -> dict[str, Any]:
     """Returns {'count': real examples, <measure name>: its sums} of one batch (jit-able)."""
-    view = Batch(apply_fn, variables, batch, index, options, any(m.shift_curves for m in measures))
+    view = Batch(
+        apply_fn,
+        variables,
+        batch,
+        index,
+        options,
+        any(m.shift_curves for m in measures),
+        tap,
+        any(m.shift_features for m in measures),
+    )
     sums = {"count": jnp.sum(view.mask)}
     for measure in measures:
         sums[measure.name] = measure.sums(view)
@@ -192,14 +296,15 @@ def split_sums(
     batch_size: int,
     mesh: Mesh,
     options: Options,
+    tap: taps.Tap | None = None,
 ) -> dict[str, Any]:
     """Returns `batch_sums` added up over every example of `split` (host numpy arrays).
 
     Batches of `batch_size` are split over the mesh's 'data' axis; `variables` are used as
     laid out (replicated, for a restored train state). One program for all measures, compiled
-    once.
+    once. `tap` reads the layers, for the measures with `shift_features`.
     """
-    step = jax.jit(functools.partial(batch_sums, tuple(measures), apply_fn, options))
+    step = jax.jit(functools.partial(batch_sums, tuple(measures), apply_fn, options, tap))
     totals = None
     batches = data.eval_batches(
         split, global_batch_size=batch_size, sharding=NamedSharding(mesh, P("data"))
@@ -219,19 +324,37 @@ def measure_split(
     batch_size: int,
     mesh: Mesh,
     options: Options,
+    tap: taps.Tap | None = None,
     **context,
 ) -> tuple[dict[str, Any], Context]:
     """Runs `measures` on `split`: one pass for their sums, then each one's `run`.
 
     Returns (fields, context): the measures' eval.json fields, in their order, and the
-    `Context` they ran in (its other fields, e.g. `run`, `split_name`, `out_dir`, come from
-    the keyword arguments).
+    `Context` they ran in (its other fields, e.g. `run`, `split_name`, `out_dir`,
+    `train_examples`, come from the keyword arguments).
     """
     totals = split_sums(
-        measures, apply_fn, variables, split, batch_size=batch_size, mesh=mesh, options=options
+        measures,
+        apply_fn,
+        variables,
+        split,
+        batch_size=batch_size,
+        mesh=mesh,
+        options=options,
+        tap=tap,
     )
     count = int(round(float(totals["count"])))
-    ctx = Context(options, split, apply_fn, variables, count, **context)
+    ctx = Context(
+        options,
+        split,
+        apply_fn,
+        variables,
+        count,
+        tap=tap,
+        batch_size=batch_size,
+        mesh=mesh,
+        **context,
+    )
     fields = {}
     for measure in measures:
         fields.update(measure.run(ctx, totals[measure.name]))

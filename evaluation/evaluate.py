@@ -14,7 +14,7 @@ from typing import Any
 from absl import logging
 
 from errors import UserError
-from evaluation import base
+from evaluation import base, taps
 from evaluation import measures as measures_lib
 from evaluation.run import load_run, parse_checkpoint, read_config
 
@@ -103,6 +103,7 @@ def evaluate_workdir(
         batch_size=run.config.training.eval_batch_size,
         mesh=run.mesh,
         options=options,
+        tap=taps.Tap.of_run(run),
         run=run,
         split_name=split,
         out_dir=out_dir,

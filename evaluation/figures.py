@@ -151,44 +151,160 @@ def activation_maps(path: Path, image: np.ndarray, name: str, maps: np.ndarray, 
     return _save(fig, path)
 
 
-def pooling_window(path: Path, example: dict[str, Any]):
-    """Draws one pooling window with its values and the max, average and L2 results."""
-    values = np.asarray(example["values"])
-    f = example["window"]
-    fig = Figure(figsize=(8, 3.8))
-    ax_window, ax_text = fig.subplots(1, 2, gridspec_kw={"width_ratios": (1, 1.2)})
-    ax_window.imshow(values, cmap="viridis")
+def _annotated_values(ax, values: np.ndarray, size: int) -> None:
+    """Draws a small array of values as coloured cells, each with its number."""
+    ax.imshow(values, cmap="viridis")
     for (i, j), value in np.ndenumerate(values):
-        ax_window.text(
-            j,
-            i,
-            f"{value:.3g}",
-            ha="center",
-            va="center",
-            color="white",
-            fontsize=max(6, 14 - 2 * f),
-        )
-    ax_window.set_xticks([])
-    ax_window.set_yticks([])
-    top, left = example["input_position"]
-    ax_window.set_title(
-        f"{example['layer']}, channel {example['channel']}, rows {top}-{top + f - 1}, "
-        f"columns {left}-{left + f - 1}",
-        fontsize=9,
-    )
+        ax.text(j, i, f"{value:.3g}", ha="center", va="center", color="white", fontsize=size)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _pooling_lines(example: dict[str, Any]) -> list[str]:
+    """The text of the pooling figure: each kind's result, and the model's own outputs."""
+    f, depth = example["window"], example.get("depth")
     lines = [
-        f"{f}x{f} window, stride {example['stride']}",
+        f"{f}x{f} window, stride {example['stride']}:",
         f"max     = {example['max']:.4g}",
         f"average = {example['avg']:.4g}",
         f"L2      = sqrt(mean of squares) = {example['l2']:.4g}",
     ]
+    if depth:
+        lines.append(f"depth   = max of {depth['window']} channels = {depth['depth']:.4g}")
     if example["pool_layer"]:
         lines.append(
             f"\n{example['pool_layer']} ({example['function']} pooling) outputs "
             f"{example['model_output']:.4g} at {tuple(example['output_position'])}"
         )
     else:
-        lines.append("\n(the model has no pooling layer:\nthis window is for illustration)")
-    ax_text.text(0.0, 0.5, "\n".join(lines), family="monospace", va="center", fontsize=10)
+        lines.append("\n(no spatial pooling layer in the model:\nits window is for illustration)")
+    if depth and depth["pool_layer"]:
+        lines.append(
+            f"{depth['pool_layer']} (depth pooling) outputs {depth['model_output']:.4g}\n"
+            f"at {tuple(depth['position'])}, channel {depth['output_channel']}"
+        )
+    elif depth:
+        lines.append("(no depth pooling layer in the model:\nits window is for illustration)")
+    return lines
+
+
+def pooling_window(path: Path, example: dict[str, Any]):
+    """Draws pooling worked through on the model's own map: one spatial window with its
+    values, one window of channels at one position (depth pooling), and what max, average,
+    L2 and depth pooling make of them, with the model's pooling layers' real outputs."""
+    values = np.asarray(example["values"])
+    f, depth = example["window"], example.get("depth")
+    fig = Figure(figsize=(12, 3.8))
+    ax_window, ax_depth, ax_text = fig.subplots(1, 3, gridspec_kw={"width_ratios": (1, 1, 1.4)})
+    _annotated_values(ax_window, values, max(6, 14 - 2 * f))
+    top, left = example["input_position"]
+    ax_window.set_title(
+        f"{example['layer']}, channel {example['channel']}, rows {top}-{top + f - 1}, "
+        f"columns {left}-{left + f - 1}",
+        fontsize=9,
+    )
+    if depth:
+        strip = np.asarray(depth["values"])[:, None]
+        _annotated_values(ax_depth, strip, max(6, 14 - depth["window"]))
+        first, last = depth["channels"]
+        ax_depth.set_title(
+            f"{depth['layer']} at {tuple(depth['position'])}, channels {first}-{last}", fontsize=9
+        )
+    else:
+        ax_depth.set_axis_off()
+    ax_text.text(0.0, 0.5, "\n".join(_pooling_lines(example)), family="monospace", va="center")
     ax_text.set_axis_off()
+    return _save(fig, path)
+
+
+def _layer_ticks(ax, names: Sequence[str], limit: int = 30) -> None:
+    """Labels the x axis with layer names (every n-th one above `limit` layers)."""
+    step = max(1, math.ceil(len(names) / limit))
+    ticks = list(range(0, len(names), step))
+    ax.set_xticks(ticks, [names[i] for i in ticks], rotation=90, fontsize=7)
+
+
+def layer_invariance(path: Path, result: dict[str, Any]):
+    """Draws the invariance of each probe point to circular shifts: layers along x, one curve
+    per shift k = 1..K; left the globally pooled output, right the whole map."""
+    layers = result["layers"]
+    names = [layer["layer"] for layer in layers]
+    fig = Figure(figsize=(max(8, 0.35 * len(names) + 4), 5))
+    axes = fig.subplots(1, 2, sharey=True)
+    titles = {
+        "pooled": "globally pooled output (what strides and borders break)",
+        "map": "whole map (where invariance is built)",
+    }
+    for ax, representation in zip(axes, ("pooled", "map"), strict=True):
+        for k in result["shifts"][1:]:
+            values = [layer[representation]["invariance"][k] for layer in layers]
+            values = [np.nan if v is None else v for v in values]
+            ax.plot(range(len(names)), values, marker=".", label=f"shift {k}")
+        ax.axhline(1.0, color="gray", linestyle=":")
+        ax.axhline(0.0, color="gray", linestyle=":")
+        _layer_ticks(ax, names)
+        ax.set_title(titles[representation], fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("invariance: (cos(x, shifted x) - cos(x, x')) / (1 - cos(x, x'))")
+    axes[0].legend(fontsize="small")
+    return _save(fig, path)
+
+
+def probe_curves(path: Path, probes: dict[str, Any]):
+    """Draws the linear probes' accuracy against depth (left, layers along x) and against the
+    receptive field (right): test accuracy of the globally pooled and 2 x 2 grid features,
+    train accuracy dotted, the majority class as chance."""
+    layers = probes["layers"]
+    names = [layer["layer"] for layer in layers]
+    fields = [layer["receptive_field"] for layer in layers]
+    curves = {
+        "test, global pool": ([layer["test_accuracy"] for layer in layers], "o-"),
+        "test, 2x2 grid": (
+            [layer["grid2"]["test_accuracy"] if layer["grid2"] else np.nan for layer in layers],
+            "s--",
+        ),
+        "train, global pool": ([layer["train_accuracy"] for layer in layers], ":"),
+    }
+    fig = Figure(figsize=(max(10, 0.35 * len(names) + 6), 5))
+    axes = fig.subplots(1, 2, sharey=True)
+    for label, (values, style) in curves.items():
+        values = 100 * np.asarray(values, np.float64)
+        axes[0].plot(range(len(names)), values, style, label=label, markersize=4)
+        axes[1].plot(fields, values, style, label=label, markersize=4)
+    for ax in axes:
+        ax.axhline(100 * probes["majority_class_accuracy"], color="gray", linestyle=":")
+        ax.grid(alpha=0.3)
+    _layer_ticks(axes[0], names)
+    axes[0].set_ylabel("linear probe accuracy (%)")
+    axes[0].set_title(f"by depth ({probes['test_examples']} {probes['split']} images)", fontsize=9)
+    axes[1].set_xscale("log", base=2)
+    axes[1].set_xlabel("receptive field (pixels)")
+    axes[1].set_title("by receptive field (gray: majority class)", fontsize=9)
+    axes[1].legend(fontsize="small")
+    return _save(fig, path)
+
+
+def top_patches(path: Path, rows: Sequence[tuple[dict[str, Any], list[list[np.ndarray]]]]):
+    """Draws, one row per layer, the top patches of its units: `rows` holds (layer, crops),
+    crops[unit][patch] a float image [s, s, C] in [0, 1] (NaN outside the image), units
+    side by side with a gap between them."""
+    fig = Figure(figsize=(12, 1.6 * len(rows) + 0.6))
+    axes = np.atleast_1d(fig.subplots(len(rows), 1))
+    for ax, (layer, crops) in zip(axes, rows, strict=True):
+        side, channels = crops[0][0].shape[0], crops[0][0].shape[-1]
+        blank = np.full((side, side, channels), np.nan)
+        tiles = [tile for unit in crops for tile in [*unit, blank]][:-1]
+        grid = mosaic(np.stack(tiles), columns=len(tiles), gap=max(1, side // 16))
+        if channels == 3:
+            ax.imshow(np.where(np.isnan(grid), 1.0, grid), interpolation="nearest")
+        else:
+            ax.imshow(grid[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_axis_off()
+        units = ", ".join(str(unit["channel"]) for unit in layer["units"])
+        ax.set_title(
+            f"{layer['layer']} (RF {layer['receptive_field']}, jump {layer['jump']}): "
+            f"channels {units}",
+            fontsize=8,
+        )
+    fig.suptitle("the eval images that activate each unit most, cropped to its receptive field")
     return _save(fig, path)

@@ -315,5 +315,11 @@ def _activations(run, images: np.ndarray) -> dict[str, np.ndarray]:
     return jax.device_get(capture(run.state, images))
 
 
-# What eval measures unless told otherwise (--measures): all of the above, in this order.
-DEFAULT = ("accuracy", "calibration", "speed", "tta", "shift", "internals")
+# The per-layer measures live in their own modules; importing them registers them.
+from evaluation import invariance, patches, probes  # noqa: E402, F401
+
+# What eval measures unless told otherwise (--measures), in this order: everything that costs
+# at most a few passes over the eval split. Opt-in: 'probes' (a pass over training images and
+# a fitted classifier per layer) and 'top_patches' (a pass keeping every unit's maxima, and a
+# figure of crops).
+DEFAULT = ("accuracy", "calibration", "speed", "tta", "shift", "layer_invariance", "internals")
