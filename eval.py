@@ -5,7 +5,7 @@ figures of what the layers do.
     python eval.py --workdir=runs/pooled [--checkpoint=latest|best|STEP] [--max_shift=8]
                    [--split=test] [--nofigures] [--tta|--notta] [--output=DIR]
                    [--measures=accuracy,calibration,speed,tta,shift,layer_invariance,internals]
-                   (opt-in, add: probes, top_patches)
+                   (opt-in, add: probes, top_patches) [--update]
 
 Writes WORKDIR/eval/<checkpoint>/eval.json and the PNG figures next to it, and the scalars to
 TensorBoard (WORKDIR/tensorboard/eval_<checkpoint>); with --output=DIR, DIR/eval.json, the
@@ -83,6 +83,12 @@ def define_flags() -> None:
         list(measures.DEFAULT),
         f"The measures to run, in order, from: {', '.join(base.REGISTRY)}.",
     )
+    flags.DEFINE_bool(
+        "update",
+        False,
+        "Add the measures to the eval.json there for the same step and split (e.g. "
+        "--measures=probes,top_patches after a default evaluation) instead of replacing it.",
+    )
 
 
 def main(argv):
@@ -102,6 +108,7 @@ def main(argv):
             tta=f.tta,
             measures=f.measures,
             output=f.output,
+            update=f.update,
         )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

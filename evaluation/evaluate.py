@@ -61,12 +61,16 @@ def evaluate_workdir(
     tta: bool | None = None,
     measures: str | Sequence[str] | None = None,
     output: str | Path | None = None,
+    update: bool = False,
 ) -> dict:
     """Evaluates the run in `workdir` at `checkpoint` ('latest', 'best' or a step) on `split`.
 
-    `measures`: the names of the measures to run (default `measures.DEFAULT`, all of them).
-    `tta` (flip test-time augmentation): None measures it when the run trained with flips;
-    True adds it to `measures`. Shift measures go up to `max_shift` pixels.
+    `measures`: the names of the measures to run (default `measures.DEFAULT`: all but the
+    opt-in ones). `tta` (flip test-time augmentation): None measures it when the run trained
+    with flips; True adds it to `measures`. Shift measures go up to `max_shift` pixels.
+    `update`: add the measures' fields and figures to the eval.json already there for the same
+    step and split (e.g. the opt-in measures after a default evaluation) instead of replacing
+    it; without one, or for another step or split, it is replaced.
     Returns the results, also written to WORKDIR/eval/<checkpoint>/eval.json (or
     `output`/eval.json) with the figures (when `figures`) beside it, and their scalars to
     TensorBoard (WORKDIR/tensorboard/eval_<checkpoint>, or `output`/tensorboard).
@@ -93,8 +97,10 @@ def evaluate_workdir(
         "evaluating step %d of %s on %d %s images: %s",
         *(run.step, workdir, len(examples), split, ", ".join(names)),
     )
-    for stale in out_dir.glob("*.png"):  # a previous evaluation's figures
-        stale.unlink()
+    previous = _previous(out_dir, run.step, split) if update else {}
+    if not previous:
+        for stale in out_dir.glob("*.png"):  # a previous evaluation's figures
+            stale.unlink()
     fields, context = base.measure_split(
         chosen,
         run.apply_fn(),
@@ -108,7 +114,8 @@ def evaluate_workdir(
         split_name=split,
         out_dir=out_dir,
     )
-    result = {**_header(run, checkpoint, split, context.count, names), **fields}
+    kept = list(dict.fromkeys([*previous.get("measures", []), *names]))
+    result = {**previous, **_header(run, checkpoint, split, context.count, kept), **fields}
     if figures:
         for measure in chosen:
             result.update(measure.figures(result, context))
@@ -119,6 +126,22 @@ def evaluate_workdir(
     partial.replace(out_dir / "eval.json")
     _write_tensorboard(tb_dir, result, chosen)
     return result
+
+
+def _previous(out_dir: Path, step: int, split: str) -> dict[str, Any]:
+    """The eval.json in `out_dir` when it measured `step` on `split` (else {}, with a log line
+    when one is there for another step or split)."""
+    path = out_dir / "eval.json"
+    if not path.is_file():
+        return {}
+    try:
+        previous = json.loads(path.read_text())
+    except ValueError:
+        previous = {}
+    if previous.get("step") == step and previous.get("split") == split:
+        return previous
+    logging.info("%s measured another step or split: replaced, not updated", path)
+    return {}
 
 
 def _writable_folder(folder: Path) -> Path:

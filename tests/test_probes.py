@@ -401,3 +401,20 @@ def test_default_measures_include_layer_invariance_not_the_costly_ones():
     assert "layer_invariance" in measures.DEFAULT
     assert "probes" not in measures.DEFAULT and "top_patches" not in measures.DEFAULT
     assert {"probes", "top_patches", "layer_invariance"} <= set(base.REGISTRY)
+
+
+def test_update_adds_measures_to_the_evaluation_of_the_same_step(workdir):
+    first = evaluation.evaluate_workdir(workdir, "6", max_shift=1, measures="calibration")
+    assert first["measures"] == ["calibration"]
+    added = evaluation.evaluate_workdir(
+        workdir, "6", max_shift=1, measures="layer_invariance", update=True
+    )
+    assert added["measures"] == ["calibration", "layer_invariance"]
+    assert added["ece"] == first["ece"] and "layer_invariance" in added
+    assert {"reliability.png", "layer_invariance.png"} <= set(added["figures"])
+    assert json.loads((workdir / "eval" / "6" / "eval.json").read_text()) == added
+    lines = evaluation.format_report(added).splitlines()
+    assert lines[1].startswith("ECE") and any("by layer" in line for line in lines)
+    replaced = evaluation.evaluate_workdir(workdir, "6", max_shift=1, measures="calibration")
+    assert replaced["measures"] == ["calibration"] and "layer_invariance" not in replaced
+    assert replaced["figures"] == ["reliability.png"]
