@@ -46,8 +46,18 @@ from benchmarks.throughput import DEFAULT_MODELS, ROOT, cpu_model, require_prese
 XLA, TORCH = "xla", "torch"
 
 
-def onednn_name(threads: int) -> str:
-    return f"onednn@{threads}"
+def onednn_name(variant: str) -> str:
+    return f"onednn@{variant}"
+
+
+def parse_variant(variant: str) -> tuple[int, dict]:
+    """'T' or 'T:passive' -> (OpenMP threads, extra environment of the worker)."""
+    threads, _, policy = variant.partition(":")
+    if not threads.isdigit() or policy not in ("", "passive", "active", "spin"):
+        raise app.UsageError(f"--threads: {variant!r} is not T, T:passive, T:active or T:spin")
+    if policy == "spin":  # libgomp's own default (models.onednn sets PASSIVE unless told)
+        return int(threads), {"GOMP_SPINCOUNT": "300000"}
+    return int(threads), ({"OMP_WAIT_POLICY": policy.upper()} if policy else {})
 
 
 def onednn_shape(conv: Conv, batch: int):
@@ -140,9 +150,10 @@ def start_workers(convs, batch, cores, threads, layouts, reference):
     if reference == TORCH:
         specs.append((TORCH, [*parts, "--serve=torch", *common], {}, ROOT))
     ours = [sys.executable, "-m", "benchmarks.onednn_parts", "--serve", *common]
-    for t in threads:
+    for variant in threads:
+        t, env = parse_variant(variant)
         argv = [*ours, f"--threads={t}", f"--layouts={','.join(layouts)}"]
-        specs.append((onednn_name(t), argv, cold, ROOT))
+        specs.append((onednn_name(variant), argv, {**cold, **env}, ROOT))
     return protocol.start_one_by_one(specs)
 
 
@@ -186,7 +197,7 @@ def best_onednn(timings: dict, key: str, name: str) -> tuple[float, str]:
     return best
 
 
-def chosen_seconds(conv: Conv, batch: int, timings: dict, name: str, threads: int) -> float:
+def chosen_seconds(conv: Conv, batch: int, timings: dict, name: str, threads: str) -> float:
     """Seconds of pass `name` where models.onednn.choose sends it (oneDNN at `threads`)."""
     from models import onednn
 
@@ -197,7 +208,7 @@ def chosen_seconds(conv: Conv, batch: int, timings: dict, name: str, threads: in
     return timings[onednn_name(threads)][conv.key][f"{name}:{label}"]
 
 
-def model_totals(listed, batch: int, timings: dict, threads: int) -> dict:
+def model_totals(listed, batch: int, timings: dict, threads: str) -> dict:
     """Per model: seconds of one training step's convolutions (dx skipped for the first)."""
     totals = {XLA: 0.0, "chosen": 0.0, "best": 0.0}
     if TORCH in timings:
@@ -261,7 +272,7 @@ def format_tables(convs, uses, timings, totals, threads, layouts) -> str:
     lines += _render(rows)
     lines.append(
         "ratios are speed ratios (time of the first over time of the second; above 1: oneDNN "
-        f"faster); 'chosen' is models.onednn.choose with {threads[0]} OpenMP thread(s)"
+        f"faster); 'chosen' is models.onednn.choose in worker onednn@{threads[0]}"
     )
     return "\n".join(lines)
 
@@ -272,7 +283,13 @@ def define_flags() -> None:
     flags.DEFINE_integer("windows", 5, "Timed windows per contestant, convolution and pass.")
     flags.DEFINE_float("window_seconds", 0.4, "Target length of a window (at least one call).")
     flags.DEFINE_integer("cores", 0, "Pin every worker to the first N CPUs (0: all).")
-    flags.DEFINE_list("threads", ["1", "2"], "OpenMP threads of each oneDNN worker (one each).")
+    flags.DEFINE_list(
+        "threads",
+        ["2", "1"],
+        "A oneDNN worker per entry: its OpenMP threads T, or T:passive / T:active / T:spin "
+        "for OMP_WAIT_POLICY (spin: libgomp's default; plain T: models.onednn's default, "
+        "PASSIVE). The first entry is the one 'chosen' uses.",
+    )
     flags.DEFINE_list("layouts", ["plain", "weights_any", "blocked"], "oneDNN memory layouts.")
     flags.DEFINE_enum("reference", TORCH, [TORCH, "none"], "The reference to time.")
     flags.DEFINE_string(
@@ -286,11 +303,12 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     f = flags.FLAGS
-    threads = [int(t) for t in f.threads]
+    threads = list(f.threads)
     if f.serve:
         protocol.restrict_cores(f.cores)
         convs = [Conv(**c) for c in json.loads(f.convs)]
-        protocol.serve(lambda: serve_onednn(convs, f.batch_size, threads[0], f.layouts))
+        t = parse_variant(threads[0])[0]
+        protocol.serve(lambda: serve_onednn(convs, f.batch_size, t, f.layouts))
         return
     require_presets(f.models)
     started = datetime.datetime.now(datetime.UTC)

@@ -26,6 +26,7 @@ from pathlib import Path
 from absl import app, flags
 
 from benchmarks import protocol
+from benchmarks.onednn_parts import parse_variant
 from benchmarks.throughput import DEFAULT_MODELS, ROOT, require_presets, steps_for
 
 JAX, TORCH = "jax", "torch"
@@ -63,9 +64,10 @@ def start_workers(model, batch, eval_batch, cores, threads, reference):
     common += [f"--cores={cores}"]
     cold = {"JAX_ENABLE_COMPILATION_CACHE": "false"}
     specs = [(JAX, [sys.executable, "-m", "benchmarks.jax_worker", *common], cold, ROOT)]
-    for t in threads:
+    for variant in threads:
+        t, env = parse_variant(variant)
         argv = [sys.executable, "-m", "benchmarks.onednn_step", "--serve", *common]
-        specs.append((f"onednn@{t}", [*argv, f"--omp_threads={t}"], cold, ROOT))
+        specs.append((f"onednn@{variant}", [*argv, f"--omp_threads={t}"], {**cold, **env}, ROOT))
     if reference == TORCH:
         specs.append((TORCH, [sys.executable, "-m", "benchmarks.torch_worker", *common], {}, ROOT))
     return protocol.start_one_by_one(specs)
@@ -95,7 +97,12 @@ def define_flags() -> None:
     flags.DEFINE_integer("windows", 5, "Timed windows per contestant and step.")
     flags.DEFINE_float("window_seconds", 1.0, "Target length of a window (at least one step).")
     flags.DEFINE_integer("cores", 0, "Pin every worker to the first N CPUs (0: all).")
-    flags.DEFINE_list("threads", ["1"], "OpenMP threads of each oneDNN worker (one each).")
+    flags.DEFINE_list(
+        "threads",
+        ["2"],
+        "A oneDNN worker per entry: its OpenMP threads T, or T:passive / T:active / "
+        "T:spin for OMP_WAIT_POLICY (spin: libgomp's default, GOMP_SPINCOUNT=300000).",
+    )
     flags.DEFINE_enum("reference", TORCH, [TORCH, "none"], "The reference to time.")
     flags.DEFINE_string(
         "output", str(ROOT / "benchmarks" / "results" / "onednn_step.json"), "JSON results."
@@ -107,7 +114,7 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     f = flags.FLAGS
     require_presets(f.models)
-    threads = [int(t) for t in f.threads]
+    threads = list(f.threads)
     started = datetime.datetime.now(datetime.UTC)
     load_before = os.getloadavg()
     results = {}

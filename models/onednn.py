@@ -21,7 +21,8 @@ Environment:
 - CONVNETS_ONEDNN=0 (off / false / no): never use oneDNN (read when `conv` is traced).
 - CONVNETS_ONEDNN_LIBRARY=path: load the extension from `path` instead of models/ (tests point
   it at nothing to exercise the fallback).
-- CONVNETS_ONEDNN_THREADS=n: OpenMP threads per oneDNN call (default: `DEFAULT_THREADS`).
+- CONVNETS_ONEDNN_THREADS=n: OpenMP threads per oneDNN call (default: one per CPU).
+- OMP_WAIT_POLICY: set to PASSIVE when the extension loads unless set (or GOMP_SPINCOUNT).
 
 Like `models.cpu_kernels`' rewrites, the custom VJP supports reverse mode only: forward-mode
 autodiff (`jax.jvp`) through `conv` raises while oneDNN is in use.
@@ -67,7 +68,12 @@ PLAIN, WEIGHTS_ANY, BLOCKED = 0, 1, 2
 LAYOUTS = {"plain": PLAIN, "weights_any": WEIGHTS_ANY, "blocked": BLOCKED}
 
 # OpenMP threads per oneDNN call; the calls run on one of XLA's CPU threads, beside its pool.
-DEFAULT_THREADS = 1  # 0: one per CPU this process may run on
+DEFAULT_THREADS = 0  # 0: one per CPU this process may run on
+# How OpenMP's threads wait at the end of a parallel region, unless the environment says
+# (OMP_WAIT_POLICY or GOMP_SPINCOUNT): PASSIVE sleeps at once instead of spinning, which leaves
+# the cores to XLA's threads between calls and keeps a team from collapsing when another
+# process holds a core (benchmarks/README.md).
+DEFAULT_WAIT_POLICY = "PASSIVE"
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -128,6 +134,9 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     runtime = _runtime_library()
     if runtime is None:
         return None, f"{RUNTIME_LIBRARY} not found: the {RUNTIME_DIST} package is not installed"
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        # read once, when libgomp loads (below, as libdnnl's dependency)
+        os.environ["OMP_WAIT_POLICY"] = DEFAULT_WAIT_POLICY
     try:
         ctypes.CDLL(str(runtime), mode=ctypes.RTLD_GLOBAL)
         library = ctypes.CDLL(str(path))
@@ -234,6 +243,10 @@ ALL_XLA = Plan()
 def choose(shape: Shape) -> Plan:
     """The measured choice (benchmarks/onednn_parts.py, recorded in benchmarks/README.md):
     for each pass of `shape`, oneDNN's layout that beat XLA's convolution, or None."""
+    if shape.kernel_h == shape.kernel_w == 1:
+        # a 1x1 convolution is a matmul to XLA: its forward pass and input gradient are as
+        # fast as oneDNN's; its weight gradient is 3-13x slower
+        return Plan(dw=WEIGHTS_ANY)
     return Plan(fwd=WEIGHTS_ANY, dx=WEIGHTS_ANY, dw=WEIGHTS_ANY)
 
 
