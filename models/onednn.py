@@ -134,8 +134,11 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     runtime = _runtime_library()
     if runtime is None:
         return None, f"{RUNTIME_LIBRARY} not found: the {RUNTIME_DIST} package is not installed"
-    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-        # read once, when libgomp loads (below, as libdnnl's dependency)
+    # libgomp reads OMP_WAIT_POLICY once, when it loads (below, as libdnnl's dependency); the
+    # variable is removed again so that child processes (and other OpenMP runtimes loaded
+    # later, e.g. torch's) do not inherit it
+    set_policy = "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ
+    if set_policy:
         os.environ["OMP_WAIT_POLICY"] = DEFAULT_WAIT_POLICY
     try:
         ctypes.CDLL(str(runtime), mode=ctypes.RTLD_GLOBAL)
@@ -147,6 +150,9 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
                 _registered.add(target)
     except (OSError, AttributeError) as e:
         return None, f"cannot load {path} with {runtime}: {e}"
+    finally:
+        if set_policy:
+            del os.environ["OMP_WAIT_POLICY"]
     library.convnets_onednn_set_threads.argtypes = [ctypes.c_int]
     library.convnets_onednn_set_threads(_threads())
     return library, None
