@@ -8,6 +8,7 @@ warning, and the run goes on from the previous one: the step is then saved again
 as existing.
 """
 
+import contextlib
 import errno
 import logging as std_logging
 import shutil
@@ -40,11 +41,14 @@ def _disk_full(error: BaseException | None) -> bool:
 
 class _LibraryNoise(std_logging.Filter):
     """Drops Orbax's log records that this module turns into its own one line: the notice that a
-    read-only manager (eval beside a training) is read only, and the tracebacks each of its
-    writer threads logs when the disk is full (Checkpoints raises one UserError instead)."""
+    read-only manager (eval beside a training) is read only, and, once a save found the disk
+    full (`after_disk_full`), the errors and tracebacks of every writer thread and asyncio task
+    of the failed saves (Checkpoints raises one UserError instead)."""
+
+    after_disk_full = False
 
     def filter(self, record: std_logging.LogRecord) -> bool:
-        if "orbax" not in record.pathname:
+        if "orbax" not in record.pathname and record.name != "asyncio":
             return True
         message = record.getMessage()
         if record.levelno <= std_logging.WARNING and "read only" in message:
@@ -52,28 +56,33 @@ class _LibraryNoise(std_logging.Filter):
         if record.levelno < std_logging.ERROR:
             return True
         error = record.exc_info[1] if record.exc_info else None
-        return not (_disk_full(Exception(message)) or _disk_full(error))
+        disk_full = _disk_full(Exception(message)) or _disk_full(error)
+        return not (disk_full or _LibraryNoise.after_disk_full)
 
 
 def _quiet_closed_loop_callbacks() -> None:
     """TensorStore's write callbacks that arrive after Orbax closed its event loop (they do when
-    a write failed, e.g. on a full disk) print 'RuntimeError: Event loop is closed' tracebacks
-    through the unraisable/thread hooks; they carry nothing: drop exactly those."""
+    a write failed, e.g. on a full disk), and the failed saves' threads that outlive them,
+    print tracebacks through the unraisable/thread hooks; they carry nothing: drop those."""
 
-    def closed_loop(exc) -> bool:
-        closed = isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
-        return closed or _disk_full(exc)  # a writer thread's: the caller says it in one line
+    def noise(exc) -> bool:
+        if _disk_full(exc):  # a writer thread's: the caller says it in one line
+            return True
+        text = str(exc) if isinstance(exc, RuntimeError) else ""
+        return text == "Event loop is closed" or (
+            _LibraryNoise.after_disk_full and text.startswith("cannot schedule new futures")
+        )
 
     previous_unraisable, previous_thread = sys.unraisablehook, threading.excepthook
     if getattr(previous_unraisable, "_convnets", False):
         return
 
     def unraisable(args):
-        if not closed_loop(args.exc_value):
+        if not noise(args.exc_value):
             previous_unraisable(args)
 
     def thread(args):
-        if not closed_loop(args.exc_value):
+        if not noise(args.exc_value):
             previous_thread(args)
 
     unraisable._convnets = thread._convnets = True
@@ -84,9 +93,10 @@ _noise_filter = _LibraryNoise()
 
 
 def _install_filters() -> None:
-    logger = std_logging.getLogger("absl")
-    if _noise_filter not in logger.filters:
-        logger.addFilter(_noise_filter)
+    for name in ("absl", "asyncio"):
+        logger = std_logging.getLogger(name)
+        if _noise_filter not in logger.filters:
+            logger.addFilter(_noise_filter)
     _quiet_closed_loop_callbacks()
 
 
@@ -114,6 +124,8 @@ class Checkpoints:
         self.workdir = workdir
         self.read_only = read_only
         self._disk_was_full = False
+        if not read_only:  # a new run: what Orbax says is news again
+            _LibraryNoise.after_disk_full = False
         self._saving: dict[int, int] = {}  # manager -> the step of its last save request
 
         def options(max_to_keep: int) -> ocp.CheckpointManagerOptions:
@@ -168,8 +180,11 @@ class Checkpoints:
             return
         if not _disk_full(error):
             raise error
-        self._disk_was_full = True
-        for manager in (self.latest, self.best):  # free what the failed save took
+        self._disk_was_full = _LibraryNoise.after_disk_full = True
+        for manager in (self.latest, self.best):  # the other save may still be writing
+            with contextlib.suppress(Exception):  # the same full disk: said below
+                manager.wait_until_finished()
+        for manager in (self.latest, self.best):  # free what the failed saves took
             if _is_chief():
                 for partial in Path(manager.directory).glob("*.orbax-checkpoint-tmp*"):
                     shutil.rmtree(partial, ignore_errors=True)
