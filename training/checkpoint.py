@@ -51,7 +51,9 @@ class _LibraryNoise(std_logging.Filter):
         if "orbax" not in record.pathname and record.name != "asyncio":
             return True
         message = record.getMessage()
-        if record.levelno <= std_logging.WARNING and "read only" in message:
+        if record.levelno <= std_logging.WARNING and (
+            "read only" in message or "read_only" in message
+        ):
             return False
         if record.levelno < std_logging.ERROR:
             return True
