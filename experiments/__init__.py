@@ -16,7 +16,7 @@ from typing import Any
 
 from errors import UserError
 
-NAMES = ("families", "pooling_vs_strided", "resnet_depth", "weight_sharing")
+NAMES = ("families", "pooling_vs_strided", "resnet_depth", "weight_sharing", "seed_claims")
 VARIANTS = ("small", "fashion_mnist", "cifar10")
 CONFIG_FILES = {
     "small": "configs/builtin.py",
