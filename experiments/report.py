@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from absl import logging  # noqa: E402
 
 from errors import UserError  # noqa: E402
-from experiments import Experiment  # noqa: E402
+from experiments import Experiment, stats  # noqa: E402
 from experiments.runner import EVALUATED, TRAINED, config_mismatch, run_dir  # noqa: E402
 from training import metrics as metrics_lib  # noqa: E402
 
@@ -97,20 +97,53 @@ def summarize(row: dict) -> dict:
         "train_seconds": [r["train_seconds"] for r in results],
         "images_per_s": [r["images_per_s"] for r in results if r["images_per_s"]],
         "shift_consistency": [e["shift"]["random_pair_consistency"] for e in evals],
+        "plateaued": [stats.plateau(_curve(s)).flat for s in row["seeds"]],
     }
+
+
+def _curve(seed: dict) -> list[tuple[int, float]]:
+    """The held-out accuracy curve [(step, accuracy)] of one seed's run."""
+    split = seed["results"]["eval_split"]
+    return [(r["step"], r["accuracy"]) for r in seed["metrics"] if r["split"] == split]
+
+
+def _interval(values: list[float], scale: float = 100.0) -> str:
+    if not values:
+        return "–"
+    s = stats.summarize(values)
+    return "n = 1" if s.n == 1 else f"[{scale * s.low:.2f}, {scale * s.high:.2f}]"
+
+
+def comparison(rows: list[dict]) -> str:
+    """Returns the report's comparison of the rows' test accuracies: the ranking, where rows
+    whose 95 % intervals overlap share a rank (tied), and each ordered pair."""
+    summaries = {
+        row["name"]: stats.summarize([s["results"]["test_accuracy"] for s in row["seeds"]])
+        for row in rows
+    }
+    ranks = ", ".join(f"{rank}. {name}" for rank, name in stats.ranking(summaries))
+    pairs = sorted(stats.order(summaries))
+    ordered = "; ".join(f"{a} > {b}" for a, b in pairs) or "none: every pair is tied"
+    return (
+        f"**Ranking by test accuracy** (rows whose 95 % intervals overlap share a rank): {ranks}."
+        f"\n\nPairs told apart (intervals disjoint): {ordered}."
+    )
 
 
 def markdown_table(rows: list[dict]) -> str:
     """Returns the Markdown table of the rows (accuracy and consistency in %)."""
     header = (
-        "| run | seeds | test accuracy (%) | params | MFLOPs/image | train time (s) | images/s "
-        "| shift consistency (%) |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+        "| run | seeds | test accuracy (%) | 95 % interval | plateaued | params | MFLOPs/image "
+        "| train time (s) | images/s | shift consistency (%) |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     lines = [header]
     for row in rows:
         s = summarize(row)
         lines.append(
-            f"| {s['name']} | {s['seeds']} | {_pm(s['test_accuracy'], 100, 2)} | {s['params']:,} "
+            f"| {s['name']} | {s['seeds']} | {_pm(s['test_accuracy'], 100, 2)} "
+            f"| {_interval(s['test_accuracy'])} | {sum(s['plateaued'])}/{s['seeds']} "
+            f"| {s['params']:,} "
             f"| {s['flops'] / 1e6:,.1f} | {_pm(s['train_seconds'], 1, 0)} "
             f"| {_pm(s['images_per_s'], 1, 0)} "
             f"| {_pm(s['shift_consistency'], 100, 1)} |"
@@ -193,7 +226,7 @@ def write(experiment: Experiment, output: Path, spec: str) -> str:
             f"no finished run of {spec} in {output} yet: nothing to report. Run "
             f"`python -m experiments run {spec} --output={output}` first."
         )
-    table = markdown_table(rows)
+    table = markdown_table(rows) + "\n\n" + comparison(rows)
     plot(rows, output)
     env_file = run_dir(output, experiment.runs[0], experiment.seeds[0]) / "environment.json"
     env = json.loads(env_file.read_text()) if env_file.exists() else {}
@@ -204,10 +237,13 @@ def write(experiment: Experiment, output: Path, spec: str) -> str:
 
 {table}
 
-Test accuracy of the final model; shift consistency: the probability that two random shifts
-(up to {experiment.max_shift} pixels, circular) of a test image get the same top-1 class (Zhang
-2019). Train time excludes compilation and evaluation; images/s is the median over logging
-intervals.
+Test accuracy of the final model: mean ± sample std over seeds, and the 95 % confidence
+interval of the mean (Student t). Plateaued: the seeds whose last {stats.PLATEAU_EVALS}
+held-out evaluations lie within {100 * stats.PLATEAU_TOLERANCE:.1f} points of each other; a
+row that has not plateaued may still be rising, and its rank is that of its budget. Shift
+consistency: the probability that two random shifts (up to {experiment.max_shift} pixels,
+circular) of a test image get the same top-1 class (Zhang 2019). Train time excludes
+compilation and evaluation; images/s is the median over logging intervals.
 
 ![learning curves](learning_curves.png)
 ![accuracy vs parameters](accuracy_vs_params.png)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import experiments
-from experiments import Experiment, Run, report, runner
+from experiments import Experiment, Run, report, runner, stats
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {
@@ -52,10 +52,32 @@ def test_tiny_experiment_end_to_end_and_rerun_skips(tmp_path):
         mean, std = re.search(r"\| 2 \| ([\d.]+) ± ([\d.]+) \|", row).groups()
         assert float(mean) == pytest.approx(100 * statistics.fmean(accs), abs=0.006)
         assert float(std) == pytest.approx(100 * statistics.stdev(accs), abs=0.006)
+        # the 95 % interval of the mean: mean -/+ t(0.975, 1) * std / sqrt(2), t = 12.7062
+        half = 12.7062 * statistics.stdev(accs) / 2**0.5
+        low, high = re.search(r"\| \[([-\d.]+), ([-\d.]+)\] \|", row).groups()
+        assert float(low) == pytest.approx(100 * (statistics.fmean(accs) - half), abs=0.006)
+        assert float(high) == pytest.approx(100 * (statistics.fmean(accs) + half), abs=0.006)
+        flat = sum(
+            stats.plateau(
+                [
+                    (r["step"], r["accuracy"])
+                    for r in map(
+                        json.loads,
+                        (runner.run_dir(tmp_path, run, s) / "metrics.jsonl")
+                        .read_text()
+                        .splitlines(),
+                    )
+                    if r["split"] == "test"
+                ]
+            ).flat
+            for s in experiment.seeds
+        )
+        assert f"| {flat}/2 |" in row
     for name in report.PLOTS:
         assert (tmp_path / name).stat().st_size > 1000, name
     text = (tmp_path / "report.md").read_text()
     assert "Does the runner work?" in text and table in text
+    assert "**Ranking by test accuracy**" in table and "Pairs told apart" in table
     summary = json.loads((tmp_path / "results.json").read_text())
     assert [s["name"] for s in summary] == ["plain", "pooled_avg"]
     before = {p: p.stat().st_mtime for p in tmp_path.rglob("results.json") if "seed_" in str(p)}
