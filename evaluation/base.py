@@ -39,6 +39,10 @@ from evaluation import shift, taps
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
 
+# At most this many probe points (evenly spaced) are compared under shifts: each one's output
+# of the unshifted batch is held through the shift loop (ResNet-110 has 112 points).
+SHIFT_POINTS = 32
+
 
 @dataclasses.dataclass(frozen=True)
 class Options:
@@ -86,6 +90,11 @@ class Batch:
         logits, outputs = self.tap.capture(self._variables, self.images)
         return logits, {name: outputs[name] for name in self.tap.names}
 
+    @property
+    def shift_points(self) -> list[str]:
+        """The probe points that `shift_similarity` compares: at most SHIFT_POINTS of them."""
+        return [p.name for p in taps.thin(self.tap.points, SHIFT_POINTS)]
+
     @functools.cached_property
     def _shifted(self) -> dict[str, Any]:
         """The outputs of the images moved k = 0..K (options.max_shift) pixels, example r in
@@ -101,7 +110,8 @@ class Batch:
         """
         size, features = self.images.shape[0], self._shift_features
         if features:
-            reference_logits, reference = self.layer_outputs
+            reference_logits, outputs = self.layer_outputs
+            reference = {name: outputs[name] for name in self.shift_points}
 
         def outputs_at(k):
             offsets = shift.curve_offsets(size, k)
@@ -135,8 +145,8 @@ class Batch:
     @property
     def shift_similarity(self) -> dict[str, dict[str, jax.Array]]:
         """{probe point: {'pooled', 'map'}: cosine similarity [K + 1, B]} of the point's output
-        of the image moved k = 0..K pixels (circular) with the unshifted image's (see
-        `_shifted`; the measure sets `shift_features`)."""
+        of the image moved k = 0..K pixels (circular) with the unshifted image's, for the
+        `shift_points` (see `_shifted`; the measure sets `shift_features`)."""
         return self._shifted["similarity"]
 
     @functools.cached_property

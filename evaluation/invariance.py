@@ -24,6 +24,8 @@ copy are no more alike than two different images. Two representations:
   invariance is built.
 
 Circular shifts only: they lose no pixel, so whatever is not invariant is the network's doing.
+Every probe point of networks up to `base.SHIFT_POINTS` points (ResNet-44); deeper ones get that
+many, evenly spaced (each point's unshifted output is held through the shift loop).
 Cheap enough to run by default: it shares the shift curves' forward passes (the tapped passes
 return the logits too), adding one unshifted pass and the cosines.
 """
@@ -33,8 +35,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from evaluation import base, taps
 from evaluation import figures as figures_lib
-from evaluation import taps
 from evaluation.base import Batch, Context, Measure, register
 
 REPRESENTATIONS = ("pooled", "map")
@@ -79,7 +81,7 @@ class LayerInvariance(Measure):
         tap = context.require_tap(self.name)
         count, pairs = context.count, float(sums["pairs"])
         layers = []
-        for point in tap.points:
+        for point in taps.thin(tap.points, base.SHIFT_POINTS):
             entry = point.describe()
             for r in REPRESENTATIONS:
                 totals = sums["layers"][point.name][r]

@@ -36,11 +36,7 @@ MAX_ROWS = 8  # layers drawn (evenly spaced, first and last always) in deeper ne
 def patch_layers(points: tuple[taps.Point, ...], limit: int = MAX_ROWS) -> list[taps.Point]:
     """The probe points with a map output (the input aside), at most `limit` of them, evenly
     spaced with the first and the last."""
-    spatial = [p for p in points if len(p.shape) == 3 and p.kind != "input"]
-    if len(spatial) <= limit:
-        return spatial
-    index = np.unique(np.round(np.linspace(0, len(spatial) - 1, limit)).astype(int))
-    return [spatial[i] for i in index]
+    return taps.thin([p for p in points if len(p.shape) == 3 and p.kind != "input"], limit)
 
 
 def _peaks(tap: taps.Tap, names: tuple[str, ...], variables, images):

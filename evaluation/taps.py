@@ -119,6 +119,15 @@ def probe_points(specs: Sequence[LayerSpec]) -> tuple[Point, ...]:
     return tuple(points)
 
 
+def thin(points: Sequence[Point], limit: int) -> list[Point]:
+    """At most `limit` of `points`, evenly spaced, the first and the last always among them
+    (all of them when there are no more)."""
+    if len(points) <= limit:
+        return list(points)
+    index = np.unique(np.round(np.linspace(0, len(points) - 1, limit)).astype(int))
+    return [points[i] for i in index]
+
+
 # --- receptive-field windows -----------------------------------------------------------------
 
 

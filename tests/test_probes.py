@@ -418,3 +418,12 @@ def test_update_adds_measures_to_the_evaluation_of_the_same_step(workdir):
     replaced = evaluation.evaluate_workdir(workdir, "6", max_shift=1, measures="calibration")
     assert replaced["measures"] == ["calibration"] and "layer_invariance" not in replaced
     assert replaced["figures"] == ["reliability.png"]
+
+
+def test_deep_networks_compare_at_most_shift_points_under_shifts():
+    specs = models.architecture(models.preset("resnet110"), (32, 32, 3), 10)
+    points = taps.probe_points(specs)
+    kept = taps.thin(points, base.SHIFT_POINTS)
+    assert len(points) == 112 and len(kept) == base.SHIFT_POINTS
+    assert kept[0] == points[0] and kept[-1] == points[-1]
+    assert taps.thin(points[:5], base.SHIFT_POINTS) == list(points[:5])
