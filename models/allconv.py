@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import ml_collections
 
+from errors import UserError
 from models import layers
 from models.builder import Builder
 from models.checks import (
@@ -77,12 +78,17 @@ def architecture(
     variant = require_choice(cfg, "variant", VARIANTS)
     widths = require_ints(cfg, "widths", 1, min_length=1)
     kernel_size = require_int(cfg, "kernel_size", 1)
+    if kernel_size % 2 == 0:
+        raise UserError(
+            f"model.kernel_size = {kernel_size}: must be odd, so that P = F // 2 keeps H and W "
+            "(as the paper's 3x3 convs do)"
+        )
     require_choice(cfg, "activation", layers.ACTIVATIONS)
     require_choice(cfg, "norm", layers.NORMS)
     dropout = require_rate(cfg, "dropout")
-    if variant in ("base", "convpool"):
-        require_choice(cfg, "pool", layers.POOL_FUNCTIONS)
-        require_pool_window(cfg)
+    # Checked for every variant (strided and allcnn leave them unused), so a typo never waits.
+    require_choice(cfg, "pool", layers.POOL_FUNCTIONS)
+    require_pool_window(cfg)
 
     b = Builder(tuple(input_shape))
     b.dropout("input_dropout", require_rate(cfg, "input_dropout"))

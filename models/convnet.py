@@ -36,11 +36,12 @@ DEFAULTS = {
     "activation": "relu",
     "norm": "none",  # none | batch | layer, after each conv, before the activation
     "pool": "none",  # none | max | avg | l2 | depth
-    "pool_after": (),  # conv layers (1 = conv1) followed by a pooling layer
+    "pool_after": (),  # conv layers (1 = conv1) followed by a pooling layer; () with "none"
     "pool_window": 2,  # F of the pooling window (channels for depth pooling)
     "pool_stride": 2,  # S of the pooling
     "pool_padding": 0,  # P of the pooling
-    "dense_widths": (),  # hidden FC layers between the conv stack and the class scores
+    # hidden FC layers between the conv stack and the class scores; () for none (plain)
+    "dense_widths": (),
     "dropout": 0.0,  # after each pooling layer and each hidden FC layer
 }
 
@@ -79,9 +80,15 @@ MLP_PRESETS = {"mlp": {}}
 def _check_pooling(cfg: ml_collections.ConfigDict, num_convs: int) -> tuple[int, ...]:
     """Returns the validated `pool_after` (empty when pool is 'none')."""
     function = require_choice(cfg, "pool", ("none", *layers.POOL_FUNCTIONS))
-    if function == "none":
-        return ()
     pool_after = require_ints(cfg, "pool_after", 1)
+    require_pool_window(cfg)  # checked even when unused, so a typo never waits for later
+    if function == "none":
+        if pool_after:
+            raise UserError(
+                f"model.pool_after = {pool_after} but model.pool = 'none': set model.pool "
+                f"to one of {', '.join(layers.POOL_FUNCTIONS)}, or pool_after to ()"
+            )
+        return ()
     if not pool_after:
         raise UserError(
             f"model.pool = {function!r} but model.pool_after is empty: name the conv layers "
@@ -92,7 +99,6 @@ def _check_pooling(cfg: ml_collections.ConfigDict, num_convs: int) -> tuple[int,
             f"model.pool_after = {pool_after}: there are only {num_convs} conv layers "
             "(model.widths)"
         )
-    require_pool_window(cfg)
     return pool_after
 
 
@@ -119,7 +125,7 @@ def architecture(
 ) -> list[LayerSpec]:
     """Returns the layers of a plain or pooled ConvNet (see DEFAULTS for the fields)."""
     _check_common(cfg)
-    widths = require_ints(cfg, "widths", 1)
+    widths = require_ints(cfg, "widths", 1, min_length=1)
     kernel_size = require_int(cfg, "kernel_size", 1)
     stride = require_int(cfg, "stride", 1)
     padding = require_int(cfg, "padding", 0)
