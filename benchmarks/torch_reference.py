@@ -5,7 +5,8 @@ Each LayerSpec kind maps to the torch op that computes it (the torch methods of 
 shapes, same parameter count; `copy_weights` and the benchmark's check compare their outputs
 for the same weights). Tensors are NCHW in logical
 order and channels-last in memory (`torch.channels_last`), PyTorch's fastest ordinary CPU layout
-for these networks (../shared/STACK.md: 9-33% faster than NCHW for training).
+for these networks (9-33% faster than NCHW for training, measured on the 2-core CPU of
+benchmarks/README.md).
 
 Needs the optional `bench` extra (`pip install -e '.[bench]'`, torch==2.13.0 CPU build).
 """
