@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from errors import UserError
-from models import layers
+from models import layers, roi
 from models.shapes import (
     LayerSpec,
     conv_output_size,
@@ -584,7 +584,68 @@ class Add(LayerKind):
         return inputs[0] + inputs[1]
 
 
+class RoiPool(LayerKind):
+    """RoI max pooling (Fast R-CNN): each region of the feature map max-pooled to a fixed
+    H_out x W_out grid of sub-windows, (H, W, C) -> (H_out, W_out, C) per region.
+
+    Inside a `Network` the one region is the whole map (adaptive max pooling, one output per
+    image); a detector calls `models.roi.roi_max_pool` on the same feature map with its
+    proposals (boxes in image pixels, `spatial_scale` = 1 / the layer's input jump). The
+    numbers here are per region."""
+
+    kind = "roi_pool"
+
+    def spec(self, name, sources, inputs, *, output_size):
+        (src,) = sources
+        out_h, out_w = (output_size, output_size) if isinstance(output_size, int) else output_size
+        if out_h < 1 or out_w < 1:
+            raise UserError(f"layer '{name}': RoI pooling grid {output_size} must be >= 1x1")
+        out_shape = (out_h, out_w, src.out_shape[2])
+        return LayerSpec(
+            name,
+            self.kind,
+            src.out_shape,
+            out_shape,
+            function="max",
+            # each bin's max: about one comparison per cell of the region (the whole map here)
+            flops=max(size(src.out_shape), size(out_shape)),
+            receptive_field=_whole_map_rf(src),
+            jump=src.jump,
+            inputs=inputs,
+        )
+
+    def apply(self, spec, layer, inputs, *, train, rngs):
+        return roi.whole_map_max_pool(inputs[0], spec.out_shape[:2])
+
+    def label(self, spec):
+        return f"roi_pool {spec.out_shape[0]}x{spec.out_shape[1]}"
+
+    def note(self, spec):
+        scale = f"spatial scale 1/{spec.jump}"
+        return f"per region, {scale}" + (f", from {' + '.join(spec.inputs)}" if spec.inputs else "")
+
+    def torch_apply(self, spec, layer, inputs):
+        # The whole-map region is torch's adaptive max pooling (same bins). RoI pooling over
+        # proposals needs torchvision.ops.roi_pool, which the bench extra does not install.
+        import torch.nn.functional as F
+
+        return F.adaptive_max_pool2d(inputs[0], spec.out_shape[:2])
+
+
 KINDS: dict[str, LayerKind] = {
     kind.kind: kind()
-    for kind in (Conv, Local, Dense, Pool, GlobalPool, Flatten, Norm, Act, Dropout, Shortcut, Add)
+    for kind in (
+        Conv,
+        Local,
+        Dense,
+        Pool,
+        GlobalPool,
+        Flatten,
+        Norm,
+        Act,
+        Dropout,
+        Shortcut,
+        Add,
+        RoiPool,
+    )
 }

@@ -166,6 +166,8 @@ def _every_kind():
     b.pool("depth", "depth", 2, 2, 0)  # 3x3x4
     b.pool("l2", "l2", 2, 1, 1)  # 4x4x4
     pooled = b.pool("avg", "avg", 2, 2, 0)  # 2x2x4
+    roi = b.roi_pool("roi_pool", 2, source="depth")  # 3x3x4 -> 2x2x4 (overlapping bins)
+    pooled = b.add("roi_add", pooled, roi)
     b.dropout("dropout", 0.5)
     b.flatten("flatten")
     dense = b.dense("hidden", 4)

@@ -1,0 +1,106 @@
+"""models.roi (RoI max pooling, Fast R-CNN) against a NumPy loop, its gradient, its layer kind."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from errors import UserError
+from models import roi, summary
+from models.builder import Builder
+
+
+def _reference(features, boxes, batch_index, out_h, out_w, scale):
+    """The Caffe layer's loops (continuous box convention), in NumPy; also the argmax of
+    each output, for the gradient."""
+    _, height, width, channels = features.shape
+    out = np.zeros((len(boxes), out_h, out_w, channels), np.float32)
+    grad_to = {}
+    for r, (box, b) in enumerate(zip(boxes, batch_index, strict=True)):
+        x1, y1, x2, y2 = (math.floor(v * scale + 0.5) for v in box)
+        bin_h, bin_w = max(y2 - y1, 1) / out_h, max(x2 - x1, 1) / out_w
+        for i in range(out_h):
+            for j in range(out_w):
+                hs = min(max(math.floor(i * bin_h) + y1, 0), height)
+                he = min(max(math.ceil((i + 1) * bin_h) + y1, 0), height)
+                ws = min(max(math.floor(j * bin_w) + x1, 0), width)
+                we = min(max(math.ceil((j + 1) * bin_w) + x1, 0), width)
+                if he <= hs or we <= ws:
+                    continue  # empty bin: 0
+                window = features[b, hs:he, ws:we]
+                out[r, i, j] = window.max(axis=(0, 1))
+                for c in range(channels):
+                    k = np.argmax(window[..., c])
+                    grad_to[r, i, j, c] = (b, hs + k // (we - ws), ws + k % (we - ws), c)
+    return out, grad_to
+
+
+_BOXES = np.array(
+    [
+        [0, 0, 32, 32],  # the whole image
+        [3.2, 5.1, 20.7, 14.0],  # inside, fractional
+        [10, 10, 12, 11],  # smaller than the grid: bins repeat cells
+        [24, -6, 48, 10],  # partly outside the map
+        [40, 40, 60, 60],  # wholly outside: all bins empty, zeros
+        [5, 9, 5.5, 9.5],  # rounds to an empty box: size 1 cell
+    ],
+    np.float32,
+)
+
+
+@pytest.mark.parametrize("out", [(2, 2), (3, 2), (7, 7)])
+def test_roi_max_pool_matches_the_numpy_loop(out):
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
+    batch_index = np.array([0, 1, 0, 1, 0, 1])
+    scale = 1 / 4  # a stride-4 feature map of a 32x32 image
+    want, _ = _reference(features, _BOXES, batch_index, *out, scale)
+    got = jax.jit(roi.roi_max_pool, static_argnums=3, static_argnames="spatial_scale")(
+        features, _BOXES, batch_index, out, spatial_scale=scale
+    )
+    assert got.shape == (6, *out, 3)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    assert (np.asarray(got[4]) == 0).all()
+
+
+def test_roi_max_pool_gradient_goes_to_each_bins_maximum():
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
+    batch_index = np.array([0, 1, 0, 1, 0, 1])
+    upstream = rng.normal(size=(6, 3, 2, 3)).astype(np.float32)
+    _, grad_to = _reference(features, _BOXES, batch_index, 3, 2, 0.25)
+    want = np.zeros_like(features)
+    for (r, i, j, c), where in grad_to.items():
+        want[where] += upstream[r, i, j, c]
+
+    def loss(f):
+        pooled = roi.roi_max_pool(f, _BOXES, batch_index, (3, 2), spatial_scale=0.25)
+        return jnp.sum(pooled * upstream)
+
+    np.testing.assert_allclose(np.asarray(jax.grad(loss)(jnp.asarray(features))), want, atol=1e-6)
+
+
+def test_whole_map_is_adaptive_max_pooling():
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(2).normal(size=(2, 5, 7, 3)).astype(np.float32)
+    got = np.asarray(roi.whole_map_max_pool(jnp.asarray(x), (3, 4)))
+    ref = torch.nn.functional.adaptive_max_pool2d(torch.from_numpy(x).permute(0, 3, 1, 2), (3, 4))
+    np.testing.assert_array_equal(got, ref.permute(0, 2, 3, 1).numpy())
+
+
+def test_roi_pool_layer_spec_and_summary_row():
+    b = Builder((32, 32, 3))
+    b.conv("conv", 8, 3, 2, 1)  # 16x16x8, jump 2
+    b.roi_pool("roi", (4, 2))
+    (_, spec) = b.specs
+    assert spec.out_shape == (4, 2, 8) and spec.params == 0 and spec.jump == 2
+    assert spec.flops == 16 * 16 * 8
+    row = next(line for line in summary.format_table(b.specs).splitlines() if "roi_pool" in line)
+    assert "roi_pool 4x2" in row and "per region, spatial scale 1/2" in row
+    with pytest.raises(UserError, match="RoI pooling grid"):
+        Builder((8, 8, 3)).roi_pool("roi", 0)
+    with pytest.raises(UserError, match="needs a 3-D input"):
+        b.flatten("flat")
+        b.roi_pool("roi2", 2)
