@@ -1,0 +1,141 @@
+"""Detection AP through pycocotools: COCO-style AP@[.5:.95], AP50, AP75 and per-class AP.
+
+    result = coco_ap(truth, detections, class_names)
+
+`truth` is one (boxes [k, 4], classes [k]) pair per image (an image may have no objects),
+`detections` one (boxes [d, 4], scores [d], classes [d]) triple per image, boxes (x1, y1, x2,
+y2) in pixels (`detection.boxes`). Both are turned into COCO records in memory (bbox
+[x, y, w, h]) and scored by `pycocotools.cocoeval.COCOeval` (its printing silenced), with at
+most `max_detections` per image. Classes without ground truth get no AP (pycocotools' -1)
+and are left out of the means, as in COCO.
+
+Bad input is refused with one line (UserError): a ground-truth box that is empty, outside
+the image or NaN, a detection with NaN coordinates or score, lengths that disagree, a class
+outside [0, num_classes). Detection boxes are clipped to the image. No detections at all
+gives AP 0 (pycocotools cannot load an empty result), no ground truth at all raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Sequence
+
+import numpy as np
+
+from detection import boxes as box_ops
+from errors import UserError
+
+Truth = tuple[np.ndarray, np.ndarray]  # boxes [k, 4], classes [k]
+Detections = tuple[np.ndarray, np.ndarray, np.ndarray]  # boxes [d, 4], scores [d], classes [d]
+
+
+def _xywh(boxes: np.ndarray) -> np.ndarray:
+    return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+
+
+def _check_classes(classes: np.ndarray, num_classes: int, what: str) -> None:
+    if len(classes) and (classes.min() < 0 or classes.max() >= num_classes):
+        raise UserError(f"{what}: classes span [{classes.min()}, {classes.max()}], outside "
+                        f"[0, {num_classes})")  # fmt: skip
+
+
+def coco_ap(
+    truth: Sequence[Truth],
+    detections: Sequence[Detections],
+    class_names: Sequence[str],
+    *,
+    image_size: tuple[int, int],
+    max_detections: int = 100,
+) -> dict:
+    """Returns {'ap': AP@[.5:.95], 'ap50', 'ap75', 'per_class': {name: AP@[.5:.95]},
+    'per_class_ap50': {...}, 'images', 'objects', 'detections'} for images of
+    `image_size` (height, width)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    if len(truth) != len(detections):
+        raise UserError(f"{len(detections)} detection lists for {len(truth)} images")
+    height, width = image_size
+    num_classes = len(class_names)
+    images, annotations, results = [], [], []
+    for i, ((gt_boxes, gt_classes), (boxes, scores, classes)) in enumerate(
+        zip(truth, detections, strict=True)
+    ):
+        image_id = i + 1
+        images.append({"id": image_id, "height": height, "width": width})
+        gt_boxes = box_ops.check_boxes(
+            gt_boxes, height=height, width=width, what=f"ground truth of image {i}: boxes"
+        )
+        gt_classes = np.asarray(gt_classes, np.int64).reshape(-1)
+        if len(gt_classes) != len(gt_boxes):
+            raise UserError(f"image {i}: {len(gt_boxes)} boxes, {len(gt_classes)} classes")
+        _check_classes(gt_classes, num_classes, f"ground truth of image {i}")
+        for box, c in zip(_xywh(gt_boxes), gt_classes, strict=True):
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(c) + 1,
+                    "bbox": [float(v) for v in box],
+                    "area": float(box[2] * box[3]),
+                    "iscrowd": 0,
+                }
+            )
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        scores = np.asarray(scores, np.float32).reshape(-1)
+        classes = np.asarray(classes, np.int64).reshape(-1)
+        if not len(boxes) == len(scores) == len(classes):
+            raise UserError(
+                f"detections of image {i}: {len(boxes)} boxes, {len(scores)} scores, "
+                f"{len(classes)} classes"
+            )
+        if not (np.isfinite(boxes).all() and np.isfinite(scores).all()):
+            raise UserError(f"detections of image {i}: NaN or infinite boxes or scores")
+        _check_classes(classes, num_classes, f"detections of image {i}")
+        xywh = _xywh(box_ops.clip(boxes, height, width))
+        for box, s, c in zip(xywh, scores, classes, strict=True):
+            results.append(
+                {
+                    "image_id": image_id,
+                    "category_id": int(c) + 1,
+                    "bbox": [float(v) for v in box],
+                    "score": float(s),
+                }
+            )
+    if not annotations:
+        raise UserError("detection AP: the images hold no ground-truth boxes")
+    summary = {"images": len(images), "objects": len(annotations), "detections": len(results)}
+    if not results:
+        zeros = {name: 0.0 for c, name in enumerate(class_names)}
+        return {"ap": 0.0, "ap50": 0.0, "ap75": 0.0, "per_class": zeros,
+                "per_class_ap50": dict(zeros), **summary}  # fmt: skip
+    categories = [{"id": c + 1, "name": name} for c, name in enumerate(class_names)]
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = {"images": images, "annotations": annotations, "categories": categories}
+        gt.createIndex()
+        dt = gt.loadRes(results)
+        evaluation = COCOeval(gt, dt, "bbox")
+        evaluation.params.maxDets = [1, 10, max_detections]
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    # precision [T IoU thresholds, R recall points, K classes, A areas, M maxDets]; area 'all',
+    # the largest maxDets; -1 marks a class without ground truth
+    precision = evaluation.eval["precision"][:, :, :, 0, -1]
+    per_class, per_class_50 = {}, {}
+    for c, name in enumerate(class_names):
+        p = precision[:, :, c]
+        if (p > -1).any():
+            per_class[name] = float(p[p > -1].mean())
+            per_class_50[name] = float(p[0][p[0] > -1].mean())
+    stats = evaluation.stats
+    return {
+        "ap": float(stats[0]),
+        "ap50": float(stats[1]),
+        "ap75": float(stats[2]),
+        "per_class": per_class,
+        "per_class_ap50": per_class_50,
+        **summary,
+    }
