@@ -1,6 +1,7 @@
 """Process-level set-up: XLA flags, multi-host start, the device mesh, and what ran where."""
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -70,10 +71,12 @@ def configure_compilation_cache() -> str | None:
 
 def configure_jax(platform: str = "cpu", *, project_flags: bool = True) -> None:
     """The process set-up that must come before JAX starts: the project's XLA flags for
-    `platform` (unless not `project_flags`) and the persistent compilation cache. The user's
-    environment comes first."""
+    `platform` (unless not `project_flags`), the persistent compilation cache, and JAX's hint
+    about a GPU without its plugin left to `warn_about_hardware` (which names the extra). The
+    user's environment comes first."""
     configure_xla_flags(platform, project_flags=project_flags)
     configure_compilation_cache()
+    replace_jax_gpu_hint()
 
 
 _CLUSTER_VARIABLES = (
@@ -273,3 +276,207 @@ def quiet_library_logs() -> None:
             return record.levelno >= std_logging.WARNING or "site-packages" not in record.pathname
 
     logging.get_absl_handler().addFilter(OwnInfoOnly())
+
+
+# --------------------------------------------------------------------------------------------
+# Hardware and install: a GPU or TPU the system shows while JAX runs on the CPU.
+
+# `pip install -e '.[EXTRA]'` (pyproject.toml): JAX's own plugin packages, pinned.
+ACCELERATOR_EXTRAS = {
+    "cuda12": "jax-cuda12-plugin",
+    "cuda13": "jax-cuda13-plugin",
+    "tpu": "libtpu",
+}
+# CUDA 13's libraries need an NVIDIA driver of at least this major version, CUDA 12's at least
+# 525 (NVIDIA's CUDA release notes; JAX's installation guide).
+CUDA13_MIN_DRIVER = 580
+CUDA12_MIN_DRIVER = 525
+# SLURM's variables that say GPUs were requested or given to the job.
+_SLURM_GPU_VARIABLES = (
+    "SLURM_GPUS",
+    "SLURM_GPUS_ON_NODE",
+    "SLURM_GPUS_PER_NODE",
+    "SLURM_GPUS_PER_TASK",
+    "SLURM_JOB_GPUS",
+    "SLURM_STEP_GPUS",
+)
+# bfloat16 against float32 on the CPU backend, measured (benchmarks/README.md, "bfloat16 on
+# the CPU"): training step time, and compile time, in the same process, interleaved.
+CPU_BFLOAT16_RATIO = "1.04x"
+CPU_BFLOAT16_COMPILE_RATIO = "1.2x"
+
+
+def nvidia_driver_major(proc: Path = Path("/proc")) -> int | None:
+    """The loaded NVIDIA kernel driver's major version (580 for 580.159.03), or None."""
+    import re
+
+    try:
+        text = (proc / "driver" / "nvidia" / "version").read_text()
+    except OSError:
+        return None
+    match = re.search(r"Kernel Module\s+(?:for \S+\s+)?(\d+)\.\d+", text)
+    return int(match.group(1)) if match else None
+
+
+def visible_gpu(
+    environ: dict | None = None, dev: Path = Path("/dev"), which=shutil.which
+) -> str | None:
+    """What shows an NVIDIA GPU to this process without asking JAX: '/dev/nvidia0',
+    'nvidia-smi on the PATH', 'CUDA_VISIBLE_DEVICES=0', 'SLURM_GPUS_ON_NODE=1'; None when
+    nothing does. `environ`, `dev` and `which` are parameters so tests can fake the machine."""
+    env = os.environ if environ is None else environ
+    try:
+        nodes = sorted(p.name for p in dev.glob("nvidia[0-9]*"))
+    except OSError:
+        nodes = []
+    if nodes:
+        return str(dev / nodes[0])
+    if which("nvidia-smi"):
+        return "nvidia-smi on the PATH"
+    cuda = env.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if cuda and cuda not in ("-1", "NoDevFiles", "none", "void"):
+        return f"CUDA_VISIBLE_DEVICES={cuda}"
+    for name in _SLURM_GPU_VARIABLES:
+        value = env.get(name, "").strip()
+        if value and value not in ("0", "(null)"):
+            return f"{name}={value}"
+    if "gpu" in env.get("SLURM_TRES_PER_TASK", "") + env.get("SLURM_JOB_GRES", ""):
+        return "a SLURM GPU request"
+    return None
+
+
+def visible_tpu(environ: dict | None = None, dev: Path = Path("/dev")) -> str | None:
+    """What shows a TPU to this process ('/dev/accel0', 'TPU_ACCELERATOR_TYPE=v5e-8'), or None."""
+    env = os.environ if environ is None else environ
+    try:
+        nodes = sorted(p.name for p in dev.glob("accel[0-9]*"))
+    except OSError:
+        nodes = []
+    if nodes:
+        return str(dev / nodes[0])
+    for name in ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES"):
+        if env.get(name):
+            return f"{name}={env[name]}"
+    return None
+
+
+def installed_extras() -> list[str]:
+    """The accelerator extras whose JAX plugin package is installed ('cuda12', 'tpu', ...)."""
+    import importlib.metadata as md
+
+    found = []
+    for extra, package in ACCELERATOR_EXTRAS.items():
+        try:
+            md.version(package)
+        except md.PackageNotFoundError:
+            continue
+        found.append(extra)
+    return found
+
+
+def cuda_extra_for(driver_major: int | None) -> str:
+    """The CUDA extra to install for an NVIDIA driver (None: unknown) and why, as text."""
+    if driver_major is None:
+        return (
+            f"'.[cuda13]' (NVIDIA driver >= {CUDA13_MIN_DRIVER}) or '.[cuda12]' (driver >= "
+            f"{CUDA12_MIN_DRIVER}; `nvidia-smi` shows the driver version)"
+        )
+    if driver_major >= CUDA13_MIN_DRIVER:
+        return f"'.[cuda13]' (this machine's NVIDIA driver {driver_major} supports CUDA 13)"
+    if driver_major >= CUDA12_MIN_DRIVER:
+        return f"'.[cuda12]' (this machine's NVIDIA driver {driver_major} supports CUDA 12)"
+    return (
+        f"a newer NVIDIA driver first (this machine's is {driver_major}; JAX's CUDA 12 build "
+        f"needs >= {CUDA12_MIN_DRIVER}), then '.[cuda12]'"
+    )
+
+
+def hardware_warnings(
+    platform: str,
+    dtype: str = "float32",
+    *,
+    environ: dict | None = None,
+    dev: Path = Path("/dev"),
+    proc: Path = Path("/proc"),
+    which=shutil.which,
+    extras: list[str] | None = None,
+) -> list[str]:
+    """The warnings for hardware and install that disagree, one line each ([] when they agree).
+
+    `platform`: JAX's backend ('cpu', 'gpu', 'tpu'); `dtype`: config.model.dtype. When JAX runs
+    on the CPU but the system shows a GPU (device files, nvidia-smi, CUDA_VISIBLE_DEVICES,
+    SLURM's GPU variables) or a TPU, one line names the extra to install (or, when the plugin is
+    installed, says JAX could not use it). bfloat16 on the CPU: one line with its cost. Nothing
+    when $JAX_PLATFORMS asks for the CPU alone (the user chose it). The machine is read from
+    `environ`, `dev`, `proc`, `which` and `extras` (installed extras), so tests can fake it.
+    """
+    env = os.environ if environ is None else environ
+    installed = installed_extras() if extras is None else extras
+    out = []
+    chose_cpu = env.get("JAX_PLATFORMS", "").strip().lower() == "cpu"
+    if platform == "cpu" and not chose_cpu:
+        gpu, tpu = visible_gpu(env, dev, which), visible_tpu(env, dev)
+        cuda = [e for e in installed if e.startswith("cuda")]
+        if gpu and cuda:
+            out.append(
+                f"an NVIDIA GPU is visible ({gpu}) and the {'/'.join(cuda)} extra is installed, "
+                "but JAX found no GPU and runs on the CPU: see JAX's warning above (often a "
+                "driver too old for the plugin's CUDA, or a second jaxlib); check with "
+                "`python -c 'import jax; print(jax.devices())'`."
+            )
+        elif gpu:
+            out.append(
+                f"an NVIDIA GPU is visible ({gpu}) but JAX has only CPU devices: training "
+                "would run on the CPU. Install JAX's CUDA plugin into this environment: "
+                f"pip install -e {cuda_extra_for(nvidia_driver_major(proc))}, or set "
+                "JAX_PLATFORMS=cpu to mean it."
+            )
+        elif tpu and "tpu" not in installed:
+            out.append(
+                f"a TPU is visible ({tpu}) but JAX has only CPU devices: training would run "
+                "on the CPU. Install libtpu into this environment: pip install -e '.[tpu]'."
+            )
+    if platform == "cpu" and dtype == "bfloat16":
+        out.append(
+            "config.model.dtype=bfloat16 on the CPU backend: no faster than float32, and less "
+            "precise (measured on a 2-core CPU: ResNet-20's training step took "
+            f"{CPU_BFLOAT16_RATIO} the time of float32, its compile {CPU_BFLOAT16_COMPILE_RATIO} "
+            "as long; XLA:CPU "
+            "has no fast bfloat16 convolutions). Parameters stay float32 either way; use float32 "
+            "on a CPU, bfloat16 on a GPU or TPU."
+        )
+    return out
+
+
+_WARNED: set[str] = set()
+
+
+def warn_about_hardware(dtype: str = "float32") -> list[str]:
+    """Logs `hardware_warnings` for this process's JAX backend, each line once per process
+    (process 0 only); returns the lines it logged."""
+    import jax
+
+    if jax.process_index() != 0:
+        return []
+    lines = [w for w in hardware_warnings(jax.default_backend(), dtype) if w not in _WARNED]
+    for line in lines:
+        _WARNED.add(line)
+        logging.warning("%s", line)
+    return lines
+
+
+class _DropJaxGpuHint:
+    """Drops JAX's own 'An NVIDIA GPU may be present ... Falling back to cpu' line: the
+    project's warning (`warn_about_hardware`) says the same and names the extra to install."""
+
+    def filter(self, record) -> bool:
+        return "CUDA-enabled jaxlib is not installed" not in record.getMessage()
+
+
+def replace_jax_gpu_hint() -> None:
+    """Installs `_DropJaxGpuHint` on JAX's backend logger (before JAX starts its backend)."""
+    import logging as std_logging
+
+    logger = std_logging.getLogger("jax._src.xla_bridge")
+    if not any(isinstance(f, _DropJaxGpuHint) for f in logger.filters):
+        logger.addFilter(_DropJaxGpuHint())
