@@ -31,6 +31,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dataset.builtin_image_size = 32  # side of the built-in images, in pixels (>= 8)
     c.dataset.augment_crop_padding = 4  # random crop after zero padding; 0 turns it off
     c.dataset.augment_flip = True  # random horizontal flip
+    # Hold the dataset on the devices, shuffle and cut each batch there (no per-step transfer;
+    # the same batches as the host pipeline): auto (on for a GPU/TPU whose memory holds the
+    # splits, off on the CPU) | on | off
+    c.dataset.on_device = "auto"
 
     # --- model (models/) ------------------------------------------------------------------
     c.model = models.preset(arg or "pooled_max")

@@ -53,6 +53,7 @@ def validate(config: ml_collections.ConfigDict):
         "'validation' needs dataset.validation_size > 0 (images held out of the training split)",
     )
     _require(d.augment_crop_padding >= 0, "dataset.augment_crop_padding", "must be >= 0")
+    _choice(config, "dataset.on_device", ("auto", "on", "off"))
     info = data.dataset_info(d)
     specs = models.architecture(config.model, info.image_shape, info.num_classes)
 

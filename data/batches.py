@@ -131,3 +131,79 @@ def eval_batches(
             sharding,
             global_batch_size,
         )
+
+
+# --------------------------------------------------------------------------------------------
+# The dataset held on the devices (config.dataset.on_device): no per-step host transfer.
+
+
+def put_replicated(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """Places a host array whole on every device of `sharding` (replicated; every process
+    passes the same value, as every process holds the whole dataset)."""
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def device_dataset(split: loading.Split, sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+    """Returns {'images': uint8 [N, H, W, C], 'labels': int32 [N]} of `split`, replicated on
+    the devices of `sharding` (one transfer, at the start of a run)."""
+    return {
+        "images": put_replicated(np.ascontiguousarray(split.images), sharding),
+        "labels": put_replicated(np.asarray(split.labels, np.int32), sharding),
+    }
+
+
+def device_train_inputs(
+    dataset: dict[str, jax.Array],
+    *,
+    global_batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    sharding: jax.sharding.Sharding,
+) -> Iterator[dict[str, jax.Array]]:
+    """Yields the training inputs of each step from `start_step` on, forever: `dataset`
+    (`device_dataset`) with 'order', the epoch's order of the examples (int32 [S * B], S =
+    N // B steps per epoch, B = global_batch_size), replicated with `sharding`.
+
+    The order is `epoch_permutation(N, seed, epoch)`, the host pipeline's, cut to S * B: it is
+    sent to the devices once per epoch (N * 4 bytes), and the batch of step s is cut from it
+    on the devices by `gather_batch(inputs, s, B)`, inside the compiled step. So the batch of
+    every (seed, step) is the one `train_batches` yields, and a resumed run sees the same data.
+    Between epoch boundaries the same dict is yielded again: nothing moves.
+    """
+    n = int(dataset["labels"].shape[0])
+    if n < global_batch_size:
+        raise UserError(
+            f"the training split has {n} images, fewer than one batch of {global_batch_size}: "
+            "lower config.training.batch_size (or dataset.validation_size)."
+        )
+    steps_per_epoch = n // global_batch_size
+    used = steps_per_epoch * global_batch_size
+    step, order_epoch, inputs = start_step, -1, None
+    while True:
+        epoch = step // steps_per_epoch
+        if epoch != order_epoch:
+            order = epoch_permutation(n, seed, epoch)[:used].astype(np.int32)
+            order_epoch, inputs = epoch, {**dataset, "order": put_replicated(order, sharding)}
+        yield inputs
+        step += 1
+
+
+def gather_batch(inputs: dict[str, jax.Array], step: jax.Array, global_batch_size: int) -> Batch:
+    """The training batch of `step` from `device_train_inputs`' inputs, on the devices (call it
+    inside jit): {'image': uint8 [B, ...], 'label': int32 [B]}, rows step % S of the epoch's
+    order (S = steps per epoch), as `train_batches` cuts them on the host."""
+    import jax.numpy as jnp
+
+    order = inputs["order"]
+    steps_per_epoch = order.shape[0] // global_batch_size
+    index = jnp.asarray(step, jnp.int32) % steps_per_epoch
+    rows = jax.lax.dynamic_slice_in_dim(order, index * global_batch_size, global_batch_size)
+    return {
+        "image": jnp.take(inputs["images"], rows, axis=0),
+        "label": jnp.take(inputs["labels"], rows, axis=0),
+    }
+
+
+def dataset_bytes(*splits: loading.Split | None) -> int:
+    """The bytes of the splits' images and labels (int32) once on a device."""
+    return sum(s.images.nbytes + 4 * len(s.labels) for s in splits if s is not None)

@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 import data
 import models
 from configs import schema
+from data import batches as batches_lib
 from errors import UserError
 from training import checkpoint as ckpt_lib
 from training import runtime
@@ -62,6 +63,11 @@ class Setup:
     workdir: Path | None = None
     checkpoints: ckpt_lib.Checkpoints | None = None
     lock: workdir_lib.WorkdirLock | None = None  # held by process 0 of a training run
+    # config.dataset.on_device resolved: the training split (and each evaluated split's
+    # batches, on first use) held on the devices; the train step cuts its batch there
+    on_device: bool = False
+    device_train: dict | None = None
+    device_eval: dict = dataclasses.field(default_factory=dict)
 
     @property
     def batch_sharding(self) -> NamedSharding:
@@ -69,12 +75,23 @@ class Setup:
         return NamedSharding(self.mesh, P("data"))
 
     def train_batches(self, start_step: int | None = None) -> Iterator[dict]:
-        """The training batches from `start_step` (default: the restored step) on."""
+        """The train step's inputs from `start_step` (default: the restored step) on: the
+        batches, or with the dataset on the devices, the dataset and the epoch's order (the
+        step cuts the same batch from them)."""
+        start = self.step if start_step is None else start_step
+        if self.on_device:
+            return batches_lib.device_train_inputs(
+                self.device_train,
+                global_batch_size=self.config.training.batch_size,
+                seed=self.config.seed,
+                start_step=start,
+                sharding=NamedSharding(self.mesh, P()),
+            )
         return data.train_batches(
             self.splits.train,
             global_batch_size=self.config.training.batch_size,
             seed=self.config.seed,
-            start_step=self.step if start_step is None else start_step,
+            start_step=start,
             sharding=self.batch_sharding,
         )
 
@@ -84,8 +101,24 @@ class Setup:
         return self.splits.validation if validation else self.splits.test
 
     def evaluate(self, state, split: data.Split) -> dict:
-        """Returns {'loss', 'accuracy', 'count'} of `state` over `split` by the eval step."""
-        return steps_lib.evaluate_split(self.eval_step, state, split, self.config, self.mesh)
+        """Returns {'loss', 'accuracy', 'count'} of `state` over `split` by the eval step.
+        With the dataset on the devices, the split's batches are sent once and kept there."""
+        batches = None
+        if self.on_device:
+            key = id(split)
+            if key not in self.device_eval:
+                self.device_eval[key] = (split, list(self._eval_batches(split)))
+            batches = self.device_eval[key][1]
+        return steps_lib.evaluate_split(
+            self.eval_step, state, split, self.config, self.mesh, batches=batches
+        )
+
+    def _eval_batches(self, split: data.Split) -> Iterator[dict]:
+        return data.eval_batches(
+            split,
+            global_batch_size=self.config.training.eval_batch_size,
+            sharding=self.batch_sharding,
+        )
 
 
 def check_batch_sizes(config: ml_collections.ConfigDict) -> None:
@@ -99,6 +132,36 @@ def check_batch_sizes(config: ml_collections.ConfigDict) -> None:
             )
 
 
+# auto: the dataset goes on the devices when its splits take at most this share of one device's
+# memory (the rest is for the model, its gradients and activations)
+ON_DEVICE_MEMORY_SHARE = 0.25
+# ... or, when the backend does not report its memory, at most this many bytes
+ON_DEVICE_DEFAULT_BYTES = 2 << 30
+
+
+def resolve_on_device(setting: str, splits: data.Splits, device=None) -> tuple[bool, str]:
+    """Whether the dataset is held on the devices (config.dataset.on_device), and why.
+
+    'on' / 'off' as set; 'auto': on for an accelerator (GPU, TPU) whose memory holds the splits
+    within ON_DEVICE_MEMORY_SHARE, off on the CPU (where host and device memory are one: the
+    host pipeline is the tested default there, and the speed is the same).
+    """
+    if setting in ("on", "off"):
+        return setting == "on", f"config.dataset.on_device={setting}"
+    device = device or jax.local_devices()[0]
+    if device.platform == "cpu":
+        return False, "auto: the CPU backend"
+    needed = batches_lib.dataset_bytes(splits.train, splits.validation, splits.test)
+    stats = device.memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    allowed = ON_DEVICE_MEMORY_SHARE * limit if limit else ON_DEVICE_DEFAULT_BYTES
+    fits = needed <= allowed
+    return fits, (
+        f"auto: the splits take {needed / 2**20:.0f} MiB, "
+        f"{'within' if fits else 'more than'} {allowed / 2**20:.0f} MiB of {device.device_kind}"
+    )
+
+
 def setup(
     config: ml_collections.ConfigDict,
     *,
@@ -107,6 +170,7 @@ def setup(
     steps: tuple[str, ...] = steps_lib.STEPS,
     distributed: bool = True,
     init_compiler_options: dict | None = None,
+    splits: data.Splits | None = None,
 ) -> Setup:
     """Checks `config`, then builds what a run needs, in this order: jax.distributed (when
     `distributed` and the config or the cluster asks for it), the workdir, the device mesh,
@@ -116,17 +180,19 @@ def setup(
     static files written, and the state restored from its latest checkpoint when there is one.
     With `restore`: the state is what `restore(abstract_state)` returns. Otherwise a fresh
     state (its init program built with `init_compiler_options`, see training.state).
-    Raises UserError naming the first problem.
+    `splits`: the config's data, already loaded (a benchmark timing many configs of one
+    dataset); by default `data.load` reads it. Raises UserError naming the first problem.
     """
     if distributed:
         runtime.maybe_initialize_distributed(config.distributed)
     info, specs = schema.validate(config)
     check_batch_sizes(config)
+    runtime.warn_about_hardware(config.model.dtype)
     lock = None
     if workdir is not None:
         workdir, lock = workdir_lib.prepare(config, workdir, lock=jax.process_index() == 0)
     try:
-        s = _build(config, info, specs, workdir, restore, steps, init_compiler_options)
+        s = _build(config, info, specs, workdir, restore, steps, init_compiler_options, splits)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -135,15 +201,16 @@ def setup(
     return s
 
 
-def _build(config, info, specs, workdir, restore, steps, init_compiler_options) -> Setup:
+def _build(config, info, specs, workdir, restore, steps, init_compiler_options, splits) -> Setup:
     mesh = runtime.make_mesh()
     start = time.perf_counter()
-    splits = data.load(
-        config.dataset,
-        seed=config.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
+    if splits is None:
+        splits = data.load(
+            config.dataset,
+            seed=config.seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
     data_seconds = time.perf_counter() - start
     checkpoints = None
     if workdir is not None:
@@ -166,8 +233,15 @@ def _build(config, info, specs, workdir, restore, steps, init_compiler_options) 
         )
         jax.block_until_ready(state)
     init_seconds = time.perf_counter() - start
+    on_device, why = resolve_on_device(config.dataset.get("on_device", "auto"), splits)
+    logging.info("dataset on the devices: %s (%s)", "yes" if on_device else "no", why)
+    device_train = None
+    if on_device and "train" in steps:
+        start = time.perf_counter()
+        device_train = batches_lib.device_dataset(splits.train, NamedSharding(mesh, P()))
+        data_seconds += time.perf_counter() - start
     train_fn, eval_fn, compile_seconds = steps_lib.compile_steps(
-        config, graphdef, state, splits, mesh, steps
+        config, graphdef, state, splits, mesh, steps, on_device=on_device
     )
     return Setup(
         config=config,
@@ -186,4 +260,6 @@ def _build(config, info, specs, workdir, restore, steps, init_compiler_options) 
         compile_seconds=compile_seconds,
         workdir=workdir,
         checkpoints=checkpoints,
+        on_device=on_device,
+        device_train=device_train,
     )

@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import data
+from data import batches as batches_lib
 from training import optim
 from training.state import abstract_like, predict
 
@@ -76,6 +77,15 @@ def train_step(state, batch, *, graphdef, tx, config, mean, std):
     return new, {"loss": loss, "correct": correct, "nonfinite": ~finite}
 
 
+def train_step_on_device(state, inputs, *, batch_size, batch_sharding, **step_args):
+    """`train_step` on the batch of step `state['step']`, cut on the devices from the dataset
+    held there (`data.batches.device_train_inputs`): the same batch the host pipeline would
+    send (config.dataset.on_device)."""
+    batch = batches_lib.gather_batch(inputs, state["step"], batch_size)
+    batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+    return train_step(state, batch, **step_args)
+
+
 def eval_step(state, batch, *, graphdef, config, mean, std):
     """Returns sums over the real (mask == 1) examples of a batch: loss, correct, count."""
     logits = predict(state, batch["image"], graphdef=graphdef, config=config, mean=mean, std=std)
@@ -99,6 +109,17 @@ def _batch_spec(batch_size: int, image_shape, sharding, *, mask: bool) -> dict:
     return spec
 
 
+def _device_inputs_spec(batch_size: int, train: data.Split, sharding) -> dict:
+    """What `data.batches.device_train_inputs` yields, as ShapeDtypeStructs (replicated)."""
+    n = len(train.labels)
+    used = n // batch_size * batch_size  # the epoch's order, cut to whole batches
+    return {
+        "images": jax.ShapeDtypeStruct(train.images.shape, jnp.uint8, sharding=sharding),
+        "labels": jax.ShapeDtypeStruct((n,), jnp.int32, sharding=sharding),
+        "order": jax.ShapeDtypeStruct((used,), jnp.int32, sharding=sharding),
+    }
+
+
 def compile_steps(
     config: ml_collections.ConfigDict,
     graphdef,
@@ -106,29 +127,40 @@ def compile_steps(
     splits: data.Splits,
     mesh,
     which: tuple[str, ...] = STEPS,
+    *,
+    on_device: bool = False,
 ) -> tuple:
     """Returns (train_step, eval_step, compile_seconds): jit-compiled once, ahead of time, for
-    batches of the config's sizes laid out over `mesh`. A step left out of `which` is None."""
+    batches of the config's sizes laid out over `mesh`. A step left out of `which` is None.
+
+    The train step takes (state, batch) from `data.train_batches`, or with `on_device`
+    (state, inputs) from `data.batches.device_train_inputs` (the dataset held on the devices;
+    the batch is cut there). Either way the state is donated: its buffers are reused in place.
+    """
     replicated = NamedSharding(mesh, P())
     batched = NamedSharding(mesh, P("data"))
     mean, std = np.asarray(splits.mean, np.float32), np.asarray(splits.std, np.float32)
     t, image_shape = config.training, splits.info.image_shape
+    step_args = dict(
+        graphdef=graphdef, tx=optim.make_optimizer(config), config=config, mean=mean, std=std
+    )
+    if on_device:
+        train_fn = functools.partial(
+            train_step_on_device, batch_size=t.batch_size, batch_sharding=batched, **step_args
+        )
+        train_spec = _device_inputs_spec(t.batch_size, splits.train, replicated)
+    else:
+        train_fn = functools.partial(train_step, **step_args)
+        train_spec = _batch_spec(t.batch_size, image_shape, batched, mask=False)
     programs = {
         "train": (
             jax.jit(
-                functools.partial(
-                    train_step,
-                    graphdef=graphdef,
-                    tx=optim.make_optimizer(config),
-                    config=config,
-                    mean=mean,
-                    std=std,
-                ),
-                in_shardings=(replicated, batched),
+                train_fn,
+                in_shardings=(replicated, replicated if on_device else batched),
                 out_shardings=(replicated, replicated),
                 donate_argnums=0,
             ),
-            _batch_spec(t.batch_size, image_shape, batched, mask=False),
+            train_spec,
         ),
         "eval": (
             jax.jit(
@@ -152,13 +184,17 @@ def compile_steps(
     return compiled.get("train"), compiled.get("eval"), seconds
 
 
-def evaluate_split(eval_fn, state, split: data.Split, config, mesh) -> dict:
-    """Returns {'loss', 'accuracy', 'count'} over every example of `split`, each counted once."""
+def evaluate_split(eval_fn, state, split: data.Split, config, mesh, batches=None) -> dict:
+    """Returns {'loss', 'accuracy', 'count'} over every example of `split`, each counted once.
+    `batches`: the split's eval batches already on the devices (default: sent from the host,
+    `data.eval_batches`)."""
     batched = NamedSharding(mesh, P("data"))
+    if batches is None:
+        batches = data.eval_batches(
+            split, global_batch_size=config.training.eval_batch_size, sharding=batched
+        )
     totals = None
-    for batch in data.eval_batches(
-        split, global_batch_size=config.training.eval_batch_size, sharding=batched
-    ):
+    for batch in batches:
         sums = eval_fn(state, batch)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
