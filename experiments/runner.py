@@ -81,8 +81,8 @@ def _flag_value(value) -> str:
     return str(value)
 
 
-def commands(experiment: Experiment, output: Path) -> list[str]:
-    """Returns one shell command per (run, seed): train, then evaluate, in its own workdir."""
+def _train_eval_commands(experiment: Experiment, output: Path) -> list[tuple[Path, str, str]]:
+    """(workdir, train command, eval command) per (run, seed), in the experiment's order."""
     out = []
     for run in experiment.runs:
         for seed in experiment.seeds:
@@ -94,33 +94,135 @@ def commands(experiment: Experiment, output: Path) -> list[str]:
                 f"python eval.py --workdir={shlex.quote(str(workdir))}"
                 f" --max_shift={experiment.max_shift}"
             )
-            out.append(f"{train_cmd} && {eval_cmd}")
+            out.append((workdir, train_cmd, eval_cmd))
     return out
+
+
+def commands(experiment: Experiment, output: Path) -> list[str]:
+    """Returns one shell command per (run, seed): train, then evaluate, in its own workdir."""
+    return [f"{t} && {e}" for _, t, e in _train_eval_commands(experiment, output)]
+
+
+# Seconds before the time limit at which SLURM sends SIGTERM to the run (--signal): enough for
+# train.py to finish its step and write a checkpoint.
+SLURM_SIGNAL_SECONDS = 120
 
 
 def slurm_script(experiment: Experiment, output: Path, spec: str) -> str:
     """Returns a SLURM job-array script: one array task per run; each task's training uses
-    every GPU of its allocation and, over several nodes, jax.distributed (auto-detected)."""
-    lines = commands(experiment, output)
-    body = "\n".join(f"  {shlex.quote(c)}" for c in lines)
-    return f"""#!/bin/bash
-# SLURM job array for the experiment {spec}: {len(lines)} runs, one per array task.
+    every GPU of its allocation and, over several nodes, jax.distributed (auto-detected).
+
+    The script installs the project with JAX's plugin for the node's accelerator once per
+    environment (`CONVNETS_EXTRA`: auto, from the NVIDIA driver; cuda12, cuda13, tpu or none),
+    passes SIGTERM on to the run (SLURM's `--signal` before the time limit, a preemption) so
+    that train.py saves a checkpoint and exits 143, then requeues its own array task, which
+    resumes from that checkpoint. What a run has done is skipped: training when results.json
+    exists, evaluation when eval/latest/eval.json does.
+    """
+    entries = _train_eval_commands(experiment, output)
+
+    def array(values) -> str:
+        return "\n".join(f"  {shlex.quote(str(v))}" for v in values)
+
+    workdirs = array(w for w, _, _ in entries)
+    trains = array(t for _, t, _ in entries)
+    evals = array(e for _, _, e in entries)
+    return rf"""#!/bin/bash
+# SLURM job array for the experiment {spec}: {len(entries)} runs, one per array task.
 # Submit from the project root: sbatch {output}/slurm.sh
+#   JAX's accelerator plugin: CONVNETS_EXTRA=cuda12|cuda13|tpu|none sbatch {output}/slurm.sh
+#   (default auto: cuda13 for an NVIDIA driver >= 580, cuda12 below, none without one); the
+#   first task installs it into $CONVNETS_VENV (default .venv), the others wait for it.
 # Then, when all tasks are done: python -m experiments report {spec} --output={output}
 # Adjust the resources to your cluster. With --nodes>1, train.py starts jax.distributed from
 # SLURM's environment (config.distributed.initialize=auto) and trains on every node's devices.
+# Time limit and preemption: SLURM sends SIGTERM {SLURM_SIGNAL_SECONDS} s before the limit
+# (--signal), or when it preempts the job; train.py then saves a checkpoint and exits 143, and
+# this script requeues its array task (--requeue), which resumes from that checkpoint. A task
+# whose run is already trained and evaluated does nothing.
 #SBATCH --job-name={experiment.name}
-#SBATCH --array=0-{len(lines) - 1}
+#SBATCH --array=0-{len(entries) - 1}
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=1
 #SBATCH --cpus-per-task=8
 #SBATCH --time=24:00:00
+#SBATCH --signal=TERM@{SLURM_SIGNAL_SECONDS}
+#SBATCH --requeue
+#SBATCH --open-mode=append
 #SBATCH --output={output}/slurm-%A_%a.out
-set -euo pipefail
-COMMANDS=(
-{body}
+set -uo pipefail
+TASK=${{SLURM_ARRAY_TASK_ID:?submit this script with sbatch: it is a job array}}
+WORKDIRS=(
+{workdirs}
 )
-source .venv/bin/activate
-srun bash -c "${{COMMANDS[$SLURM_ARRAY_TASK_ID]}}"
+TRAIN=(
+{trains}
+)
+EVAL=(
+{evals}
+)
+
+# --- The environment: the project and JAX's plugin, installed once (one task at a time).
+VENV=${{CONVNETS_VENV:-.venv}}
+EXTRA=${{CONVNETS_EXTRA:-auto}}
+if [[ $EXTRA == auto ]]; then
+  driver=$(sed -n 's/.*Kernel Module[^0-9]*\([0-9][0-9]*\)\..*/\1/p' \
+    /proc/driver/nvidia/version 2>/dev/null | head -n 1)
+  if [[ -z $driver ]]; then EXTRA=none
+  elif (( driver >= 580 )); then EXTRA=cuda13
+  else EXTRA=cuda12
+  fi
+fi
+TARGET=.
+[[ $EXTRA == none ]] || TARGET=".[$EXTRA]"
+STAMP=$VENV/.installed-slurm-$EXTRA
+if [[ ! $STAMP -nt pyproject.toml ]]; then
+  mkdir -p "$VENV"
+  (
+    flock 9
+    if [[ ! $STAMP -nt pyproject.toml ]]; then
+      echo "slurm.sh: installing $TARGET into $VENV"
+      [[ -x $VENV/bin/python ]] || "${{CONVNETS_PYTHON:-python3}}" -m venv "$VENV"
+      "$VENV/bin/python" -m pip install --quiet -e "$TARGET" && touch "$STAMP"
+    fi
+  ) 9>"$VENV/.install.lock" || {{ echo "slurm.sh: installing $TARGET failed" >&2; exit 1; }}
+fi
+source "$VENV/bin/activate"
+
+# --- The run: what is done is skipped.
+workdir=${{WORKDIRS[$TASK]}}
+steps=()
+[[ -e $workdir/results.json ]] || steps+=("${{TRAIN[$TASK]}}")
+[[ -e $workdir/eval/latest/eval.json ]] || steps+=("${{EVAL[$TASK]}}")
+if (( ${{#steps[@]}} == 0 )); then
+  echo "slurm.sh: $workdir is trained and evaluated; nothing to do"
+  exit 0
+fi
+
+# Runs a command in the background, passes SIGTERM on to it and waits until it has ended
+# (train.py saves a checkpoint first); returns its exit status.
+forward_term() {{
+  "$@" &
+  local child=$! rc
+  trap 'kill -TERM "$child" 2>/dev/null' TERM
+  while :; do
+    wait "$child"
+    rc=$?
+    kill -0 "$child" 2>/dev/null || break
+  done
+  trap - TERM
+  return "$rc"
+}}
+export -f forward_term
+chain=$(printf 'forward_term %s && ' "${{steps[@]}}")
+forward_term srun bash -c "${{chain% && }}"
+rc=$?
+if (( rc == 143 )); then
+  echo "slurm.sh: stopped by SIGTERM after saving a checkpoint; requeueing" \
+    "${{SLURM_ARRAY_JOB_ID}}_$TASK to resume"
+  scontrol requeue "${{SLURM_ARRAY_JOB_ID}}_$TASK" || true
+  exit 0
+fi
+exit "$rc"
 """

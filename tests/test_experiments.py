@@ -1,10 +1,13 @@
 """The experiment runner: a tiny experiment end to end, its report, skipping, cluster scripts."""
 
 import json
+import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -197,3 +200,124 @@ def test_report_without_a_finished_run_says_so(tmp_path):
     assert out.returncode != 0
     assert "error: no finished run of families:small" in out.stderr
     assert "report written" not in out.stderr + out.stdout and "Traceback" not in out.stderr
+
+
+# --- the SLURM script: install, preemption, requeue, skipping what is done --------------------
+
+_FAKE_PYTHON = """#!/bin/bash
+# train.py / eval.py stand-ins: record the call, write what the real ones leave behind.
+echo "$*" >> "$LOG"
+for a in "$@"; do case $a in --workdir=*) wd=${a#--workdir=};; esac; done
+case $1 in
+  train.py)
+    mkdir -p "$wd"
+    if [[ -n ${FAKE_BLOCK:-} ]]; then  # a long run: SIGTERM saves and exits 143
+      trap 'kill $sleeper; echo "saved a checkpoint" >> "$LOG"; exit 143' TERM
+      sleep 60 > /dev/null 2>&1 &
+      sleeper=$!
+      echo $$ > "$wd/pid"
+      wait $sleeper
+      exit 1
+    fi
+    echo '{}' > "$wd/results.json";;
+  eval.py) mkdir -p "$wd/eval/latest"; echo '{}' > "$wd/eval/latest/eval.json";;
+esac
+"""
+
+
+def _slurm_machine(tmp_path: Path) -> tuple[Path, dict]:
+    """A project folder with a fake venv, and PATH with fake python, srun and scontrol."""
+    bin_dir, project = tmp_path / "bin", tmp_path / "project"
+    bin_dir.mkdir()
+    project.mkdir()
+    fakes = {
+        "python": _FAKE_PYTHON,
+        "srun": '#!/bin/bash\necho "srun $*" >> "$LOG"\nexec "$@"\n',
+        "scontrol": '#!/bin/bash\necho "scontrol $*" >> "$LOG"\n',
+        "venv-python": '#!/bin/bash\necho "venv-python $*" >> "$LOG"\n',
+    }
+    for name, text in fakes.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    (project / "pyproject.toml").write_text("")
+    venv = project / "venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "activate").write_text("")
+    (venv / "python").symlink_to(bin_dir / "venv-python")
+    env = dict(
+        os.environ,
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        LOG=str(tmp_path / "log"),
+        SLURM_ARRAY_TASK_ID="1",
+        SLURM_ARRAY_JOB_ID="77",
+        CONVNETS_VENV="venv",
+    )
+    return project, env
+
+
+def _log(tmp_path: Path) -> list[str]:
+    path = tmp_path / "log"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_slurm_script_installs_once_then_trains_and_evaluates(tmp_path):
+    project, env = _slurm_machine(tmp_path)
+    experiment = tiny_experiment()
+    script = project / "slurm.sh"
+    script.write_text(runner.slurm_script(experiment, tmp_path / "out", "tiny"))
+    for line in ("--signal=TERM@120", "--requeue", "--open-mode=append"):
+        assert f"#SBATCH {line}\n" in script.read_text()
+    env["CONVNETS_EXTRA"] = "cuda12"
+    done = subprocess.run(["bash", str(script)], cwd=project, env=env, timeout=60)
+    assert done.returncode == 0
+    # task 1: plain, seed 1
+    workdir = runner.run_dir(tmp_path / "out", experiment.runs[0], 1)
+    log = _log(tmp_path)
+    assert log[0] == "venv-python -m pip install --quiet -e .[cuda12]"
+    assert log[1].startswith("srun bash -c forward_term python train.py")
+    assert any(line.startswith(f"train.py --config=configs/builtin.py:plain --workdir={workdir}")
+               for line in log)  # fmt: skip
+    assert log[-1] == f"eval.py --workdir={workdir} --max_shift=2"
+    assert (workdir / "eval" / "latest" / "eval.json").exists()
+    # again: installed (the stamp is newer than pyproject.toml) and finished: nothing runs
+    (tmp_path / "log").unlink()
+    done = subprocess.run(
+        ["bash", str(script)], cwd=project, env=env, timeout=60, capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "nothing to do" in done.stdout
+    assert _log(tmp_path) == []
+    # trained but not evaluated: only the evaluation runs
+    (workdir / "eval" / "latest" / "eval.json").unlink()
+    subprocess.run(["bash", str(script)], cwd=project, env=env, timeout=60, check=True)
+    assert [line.split()[0] for line in _log(tmp_path)] == ["srun", "eval.py"]
+
+
+@pytest.mark.parametrize("who", ["run", "batch shell"])
+def test_slurm_script_passes_sigterm_on_and_requeues_its_task(tmp_path, who):
+    """SIGTERM to the run (--signal before the time limit) or to the batch shell (a
+    preemption): train.py saves and exits 143, the script requeues its own array task."""
+    project, env = _slurm_machine(tmp_path)
+    experiment = tiny_experiment()
+    script = project / "slurm.sh"
+    script.write_text(runner.slurm_script(experiment, tmp_path / "out", "tiny"))
+    (project / "venv" / ".installed-slurm-none").touch()
+    env.update(CONVNETS_EXTRA="none", FAKE_BLOCK="1")
+    workdir = runner.run_dir(tmp_path / "out", experiment.runs[0], 1)
+    proc = subprocess.Popen(
+        ["bash", str(script)], cwd=project, env=env, stdout=subprocess.PIPE, text=True
+    )
+    pid_file = workdir / "pid"
+    deadline = time.monotonic() + 30
+    while not (pid_file.exists() and pid_file.read_text().strip()):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    time.sleep(0.2)  # the shells have set their traps
+    target = int(pid_file.read_text()) if who == "run" else proc.pid
+    os.kill(target, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    log = _log(tmp_path)
+    assert "saved a checkpoint" in log
+    assert log[-1] == "scontrol requeue 77_1"
+    assert not any(line.startswith("eval.py") for line in log)  # stopped before evaluating
+    assert "requeueing 77_1" in out
