@@ -17,6 +17,7 @@ from errors import UserError
 from evaluation import base, taps
 from evaluation import measures as measures_lib
 from evaluation.run import load_run, parse_checkpoint, read_config
+from training import workdir as workdir_lib
 
 
 def measure_names(measures: str | Sequence[str] | None, tta: bool | None) -> list[str]:
@@ -146,17 +147,11 @@ def _previous(out_dir: Path, step: int, split: str) -> dict[str, Any]:
 
 def _writable_folder(folder: Path) -> Path:
     """Creates `folder` and checks that a file can be written there; UserError otherwise."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
-        probe.write_text("probe")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(
-            f"cannot write the evaluation to {folder} ({e.strerror}); pass --output=DIR, a "
-            "writable folder (e.g. for a read-only or full workdir)."
-        ) from e
-    return folder
+    return workdir_lib.require_writable(
+        folder,
+        "cannot write the evaluation to {folder} ({reason}); pass --output=DIR, a writable "
+        "folder (e.g. for a read-only or full workdir).",
+    )
 
 
 def _write_tensorboard(tb_dir: Path, result: dict, chosen: Sequence[base.Measure]) -> None:

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from flax import nnx
 from PIL import Image
-from test_train import tiny_config
 
 import data
 import evaluation
@@ -36,21 +35,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 def _rngs(seed: int = 0) -> nnx.Rngs:
     # The 'rbg' generator initialises several times faster on CPU than the default threefry.
     return nnx.Rngs(jax.random.key(seed, impl="rbg"))
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    """A tiny pooled (max) ConvNet trained for 12 steps: checkpoints at steps 6 and 12."""
-    from training import loop
-
-    config = tiny_config()
-    # Adam at 5e-3 spreads the predictions over the classes within 12 steps (the class-score
-    # layer starts at zero); a constant prediction would be trivially shift-invariant.
-    config.optimizer.name = "adam"
-    config.optimizer.learning_rate = 5e-3
-    path = tmp_path_factory.mktemp("run")
-    loop.train_and_evaluate(config, path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,16 @@ through for every kind, and the measures on a trained run (eval.json, report, fi
 
 import json
 import math
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_eval import CircularNet, _rngs
-from test_train import tiny_config
+from test_eval import (
+    CircularNet,
+    _rngs,
+)
 
 import data
 import evaluation
@@ -24,19 +25,6 @@ from models.shapes import INPUT
 from training import runtime
 
 MAX_SHIFT = 2
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    """A tiny pooled (max) ConvNet trained for 12 steps (as tests/test_eval.py's)."""
-    from training import loop
-
-    config = tiny_config()
-    config.optimizer.name = "adam"
-    config.optimizer.learning_rate = 5e-3
-    path = tmp_path_factory.mktemp("run")
-    loop.train_and_evaluate(config, path)
-    return path
 
 
 @pytest.fixture(scope="module")

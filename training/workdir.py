@@ -145,6 +145,19 @@ def _describe_holder(text: str) -> str:
         return "holder unknown"
 
 
+def require_writable(folder: Path, message: str) -> Path:
+    """Creates `folder` and writes (then removes) a probe file there; returns the folder.
+    Raises UserError with `message`, formatted with `folder` and `reason`, when it cannot."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_text("probe")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(message.format(folder=folder, reason=e.strerror)) from e
+    return folder
+
+
 def prepare(
     config: ml_collections.ConfigDict, workdir: str | Path, *, lock: bool = True
 ) -> tuple[Path, WorkdirLock | None]:
@@ -158,15 +171,9 @@ def prepare(
     workdir is not writable, is in use by another run, or holds a run of another config.
     """
     workdir = expand(workdir)
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(
-            f"workdir {workdir} is not writable ({e.strerror}); choose another --workdir."
-        ) from e
+    require_writable(
+        workdir, "workdir {folder} is not writable ({reason}); choose another --workdir."
+    )
     held = None
     if lock:
         held = WorkdirLock(workdir)
