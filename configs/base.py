@@ -9,7 +9,10 @@ import models
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """Returns the base config; `arg` names a model preset (see `models.PRESETS`)."""
+    """Returns the base config; `arg` names a model preset (see `models.PRESETS`).
+
+    Long on purpose: one field per line, each with its comment, is the config's documentation.
+    """
     c = ml_collections.ConfigDict()
     # Free fields, checked only when used: dataset.data_dir (when the data is read), the
     # booleans (any value is valid), model fields a family does not use (see models/).

@@ -40,6 +40,53 @@ def _check_classes(classes: np.ndarray, num_classes: int, what: str) -> None:
                         f"[0, {num_classes})")  # fmt: skip
 
 
+def _coco_truth(i: int, image_truth: Truth, image_size, num_classes: int, so_far) -> list:
+    """COCO annotations of image `i`'s ground truth (ids continue from `so_far`)."""
+    height, width = image_size
+    gt_boxes, gt_classes = image_truth
+    gt_boxes = box_ops.check_boxes(
+        gt_boxes, height=height, width=width, what=f"ground truth of image {i}: boxes"
+    )
+    gt_classes = np.asarray(gt_classes, np.int64).reshape(-1)
+    if len(gt_classes) != len(gt_boxes):
+        raise UserError(f"image {i}: {len(gt_boxes)} boxes, {len(gt_classes)} classes")
+    _check_classes(gt_classes, num_classes, f"ground truth of image {i}")
+    return [
+        {
+            "id": len(so_far) + k + 1,
+            "image_id": i + 1,
+            "category_id": int(c) + 1,
+            "bbox": [float(v) for v in box],
+            "area": float(box[2] * box[3]),
+            "iscrowd": 0,
+        }
+        for k, (box, c) in enumerate(zip(_xywh(gt_boxes), gt_classes, strict=True))
+    ]
+
+
+def _coco_detections(i: int, image_detections: Detections, image_size, num_classes) -> list:
+    """COCO results of image `i`'s detections, boxes clipped to the image."""
+    height, width = image_size
+    boxes, scores, classes = image_detections
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    scores = np.asarray(scores, np.float32).reshape(-1)
+    classes = np.asarray(classes, np.int64).reshape(-1)
+    if not len(boxes) == len(scores) == len(classes):
+        raise UserError(
+            f"detections of image {i}: {len(boxes)} boxes, {len(scores)} scores, "
+            f"{len(classes)} classes"
+        )
+    if not (np.isfinite(boxes).all() and np.isfinite(scores).all()):
+        raise UserError(f"detections of image {i}: NaN or infinite boxes or scores")
+    _check_classes(classes, num_classes, f"detections of image {i}")
+    xywh = _xywh(box_ops.clip(boxes, height, width))
+    return [
+        {"image_id": i + 1, "category_id": int(c) + 1, "bbox": [float(v) for v in box],
+         "score": float(sc)}
+        for box, sc, c in zip(xywh, scores, classes, strict=True)
+    ]  # fmt: skip
+
+
 def coco_ap(
     truth: Sequence[Truth],
     detections: Sequence[Detections],
@@ -57,52 +104,11 @@ def coco_ap(
     if len(truth) != len(detections):
         raise UserError(f"{len(detections)} detection lists for {len(truth)} images")
     height, width = image_size
-    num_classes = len(class_names)
     images, annotations, results = [], [], []
-    for i, ((gt_boxes, gt_classes), (boxes, scores, classes)) in enumerate(
-        zip(truth, detections, strict=True)
-    ):
-        image_id = i + 1
-        images.append({"id": image_id, "height": height, "width": width})
-        gt_boxes = box_ops.check_boxes(
-            gt_boxes, height=height, width=width, what=f"ground truth of image {i}: boxes"
-        )
-        gt_classes = np.asarray(gt_classes, np.int64).reshape(-1)
-        if len(gt_classes) != len(gt_boxes):
-            raise UserError(f"image {i}: {len(gt_boxes)} boxes, {len(gt_classes)} classes")
-        _check_classes(gt_classes, num_classes, f"ground truth of image {i}")
-        for box, c in zip(_xywh(gt_boxes), gt_classes, strict=True):
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": int(c) + 1,
-                    "bbox": [float(v) for v in box],
-                    "area": float(box[2] * box[3]),
-                    "iscrowd": 0,
-                }
-            )
-        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-        scores = np.asarray(scores, np.float32).reshape(-1)
-        classes = np.asarray(classes, np.int64).reshape(-1)
-        if not len(boxes) == len(scores) == len(classes):
-            raise UserError(
-                f"detections of image {i}: {len(boxes)} boxes, {len(scores)} scores, "
-                f"{len(classes)} classes"
-            )
-        if not (np.isfinite(boxes).all() and np.isfinite(scores).all()):
-            raise UserError(f"detections of image {i}: NaN or infinite boxes or scores")
-        _check_classes(classes, num_classes, f"detections of image {i}")
-        xywh = _xywh(box_ops.clip(boxes, height, width))
-        for box, s, c in zip(xywh, scores, classes, strict=True):
-            results.append(
-                {
-                    "image_id": image_id,
-                    "category_id": int(c) + 1,
-                    "bbox": [float(v) for v in box],
-                    "score": float(s),
-                }
-            )
+    for i, (image_truth, image_detections) in enumerate(zip(truth, detections, strict=True)):
+        images.append({"id": i + 1, "height": height, "width": width})
+        annotations += _coco_truth(i, image_truth, image_size, len(class_names), annotations)
+        results += _coco_detections(i, image_detections, image_size, len(class_names))
     if not annotations:
         raise UserError("detection AP: the images hold no ground-truth boxes")
     summary = {"images": len(images), "objects": len(annotations), "detections": len(results)}

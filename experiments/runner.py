@@ -119,6 +119,7 @@ def slurm_script(experiment: Experiment, output: Path, spec: str) -> str:
     resumes from that checkpoint. What a run has done is skipped: training when results.json
     exists, evaluation when eval/latest/eval.json does.
     """
+    # Long because the bash script it returns is written out here, as the user will read it.
     entries = _train_eval_commands(experiment, output)
 
     def array(values) -> str:
