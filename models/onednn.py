@@ -302,6 +302,8 @@ def _attrs(strides, padding, layout: int) -> dict:
 
 
 def _call(name: str, a: jax.Array, b: jax.Array, out_shape, strides, padding, layout: int):
+    if _ensure_loaded() is None:  # registers the FFI targets on first use
+        raise RuntimeError(f"oneDNN convolutions are not available: {_reason}")
     result = jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32)
     call = jax.ffi.ffi_call(TARGETS[name], result, vmap_method="sequential")
     return call(a, b, **_attrs(strides, padding, layout))

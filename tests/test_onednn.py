@@ -363,3 +363,21 @@ def test_training_with_and_without_onednn(extension, monkeypatch, preset):
     np.testing.assert_allclose(losses_onednn, losses_xla, rtol=1e-4)
     for a, b in zip(jax.tree.leaves(params_onednn), jax.tree.leaves(params_xla), strict=True):
         _close(a, b, 1e-4)
+
+
+def test_passes_load_the_extension_themselves():
+    """`forward` & co. register the FFI targets on first use, in a process that never asked
+    `available()`."""
+    _extension_or_skip()
+    code = (
+        "import jax.numpy as jnp; from models import onednn\n"
+        "x, k = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 1))\n"
+        "y = onednn.forward(x, k, (1, 1), ((1, 1), (1, 1)))\n"
+        "print(float(y.sum()))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    # each of the 4x4 pixels of both channels is in 2-3 windows per axis: (2+3+3+2)^2 x 2
+    assert float(out.stdout) == 200.0
