@@ -38,14 +38,14 @@ class Summary:
 
 
 def summarize(values: Sequence[float], confidence: float = CONFIDENCE) -> Summary:
-    """Returns the Summary of `values` (one per seed). With one value the interval is that
-    value alone (no spread can be estimated: the report says n = 1)."""
+    """Returns the Summary of `values` (one per seed). With one value no spread can be
+    estimated: the interval is unbounded (-inf, inf), so the row is told apart from none."""
     values = [float(v) for v in values]
     if not values:
         raise ValueError("no values to summarize")
     mean = statistics.fmean(values)
     if len(values) == 1:
-        return Summary(1, mean, 0.0, mean, mean)
+        return Summary(1, mean, 0.0, -math.inf, math.inf)
     std = statistics.stdev(values)
     half = scipy_stats.t.ppf((1 + confidence) / 2, len(values) - 1) * std / math.sqrt(len(values))
     return Summary(len(values), mean, std, mean - half, mean + half)

@@ -1,5 +1,7 @@
 """The report's statistics from known numbers: intervals, plateaus, orders and ties."""
 
+import math
+
 import pytest
 
 from experiments import stats
@@ -11,8 +13,9 @@ def test_confidence_interval_of_known_numbers():
     # t(0.975, 2 degrees of freedom) = 4.302653; half width 4.302653 * 0.02 / sqrt(3)
     half = 4.302653 * 0.02 / 3**0.5
     assert (s.low, s.high) == (pytest.approx(0.92 - half), pytest.approx(0.92 + half))
-    one = stats.summarize([0.5])
-    assert (one.std, one.low, one.high) == (0.0, 0.5, 0.5)
+    one = stats.summarize([0.5])  # one seed: no interval, so never told apart from another row
+    assert (one.std, one.low, one.high) == (0.0, -math.inf, math.inf)
+    assert stats.order({"one": one, "other": stats.summarize([0.1, 0.11, 0.12])}) == set()
 
 
 def test_plateau_needs_the_last_evaluations_within_the_tolerance():
