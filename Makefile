@@ -2,7 +2,8 @@
 #   make run    set up .venv if needed, then run the main job: the model-families comparison on
 #               the built-in dataset (no download), ending with a table
 #   make test   set up .venv if needed, then lint and run the whole test suite
-# Running either again reuses .venv; it is rebuilt only when pyproject.toml changes.
+# Running either again reuses .venv; it is reinstalled only when pyproject.toml, setup.py or the
+# C++ extension (csrc/) changes.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,7 +14,7 @@ RUN_DIR ?= runs
 
 .PHONY: run test lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py csrc/onednn_conv.cc
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
