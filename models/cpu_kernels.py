@@ -268,3 +268,13 @@ def window_pool(
     value is kept), differentiated as the same pooling (function max|mean over `axes`) on
     strided views. A `jax.custom_vjp`: forward mode raises. The caller asks `enabled()`."""
     return _window_pool(reduce, x, function, window, stride, padding, axes)
+
+
+# oneDNN's convolutions (models/onednn.py: the kernels PyTorch uses on CPU, called through
+# XLA's FFI) take the passes they were measured to win when the extension is built, this
+# module's switch is on and CONVNETS_ONEDNN is not off; every other pass, and every other case
+# (not float32, several devices, another backend, no extension), is `conv_general_dilated`
+# above. Whole training steps 1.23-1.38x faster on the 2-core CPU (benchmarks/README.md).
+from models import onednn  # noqa: E402 -- onednn does not import this module
+
+layer_conv_general_dilated = onednn.routed(conv_general_dilated, enabled)

@@ -75,7 +75,7 @@ def conv(
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=KERNEL_INIT,
-        conv_general_dilated=cpu_kernels.conv_general_dilated,  # lax's unless on CPU
+        conv_general_dilated=cpu_kernels.layer_conv_general_dilated,  # lax's unless on CPU
         rngs=rngs,
     )
 
