@@ -4,13 +4,12 @@ against the same steps on XLA's convolutions and against PyTorch: interleaved wi
     python -m benchmarks.onednn_step --models=resnet20,plain --windows=5
     python -m benchmarks.onednn_step --threads=1,2 --reference=none
 
-Until the layers call models.onednn themselves, the `onednn@T` worker is benchmarks/jax_worker.py
-(the project's real steps, `training.setup.setup`) in a process where
-`models.cpu_kernels.conv_general_dilated`, the convolution the layers are built with, first
-sends every NHWC float32 convolution with explicit padding to `onednn.conv` (each pass where
-`onednn.choose` decides, the project's convolution for the rest), with T OpenMP threads.
-`jax` is the unchanged worker, `torch` benchmarks/torch_worker.py; all three are the
-benchmark's own (benchmarks/throughput.py), timed alike. Medians of the windows.
+The layers send their convolutions to oneDNN themselves (`models.cpu_kernels.
+layer_conv_general_dilated`: each pass where `onednn.choose` decides, XLA's for the rest). The
+`onednn@T` worker is benchmarks/jax_worker.py (the project's real steps, `training.setup.setup`)
+with T OpenMP threads; `jax` is the same worker with `CONVNETS_ONEDNN=0` (XLA's convolutions),
+`torch` benchmarks/torch_worker.py; all are the benchmark's own (benchmarks/throughput.py),
+timed alike. Medians of the windows.
 """
 
 from __future__ import annotations
@@ -32,17 +31,6 @@ from benchmarks.throughput import DEFAULT_MODELS, ROOT, require_presets, steps_f
 JAX, TORCH = "jax", "torch"
 
 
-def route_convolutions_through_onednn() -> None:
-    """Makes `models.cpu_kernels.conv_general_dilated`, the convolution the layers are built
-    with, send what it can to `onednn.conv` (`onednn.routed`, what wiring the layers would
-    do); call before the model is built."""
-    from models import cpu_kernels, onednn
-
-    cpu_kernels.conv_general_dilated = onednn.routed(
-        cpu_kernels.conv_general_dilated, cpu_kernels.enabled
-    )
-
-
 def serve_step(argv: Sequence[str]) -> None:
     """Runs benchmarks/jax_worker.py with the convolutions through oneDNN."""
     from benchmarks import jax_worker
@@ -54,7 +42,6 @@ def serve_step(argv: Sequence[str]) -> None:
     os.environ[onednn.THREADS_ENV] = str(flags.FLAGS.omp_threads)
     if not onednn.available():
         raise SystemExit(f"oneDNN extension not available: {onednn.unavailable_reason()}")
-    route_convolutions_through_onednn()
     protocol.restrict_cores(flags.FLAGS.cores)
     protocol.serve(jax_worker.setup)
 
@@ -63,7 +50,8 @@ def start_workers(model, batch, eval_batch, cores, threads, reference):
     common = [f"--model={model}", f"--batch_size={batch}", f"--eval_batch_size={eval_batch}"]
     common += [f"--cores={cores}"]
     cold = {"JAX_ENABLE_COMPILATION_CACHE": "false"}
-    specs = [(JAX, [sys.executable, "-m", "benchmarks.jax_worker", *common], cold, ROOT)]
+    xla = {**cold, "CONVNETS_ONEDNN": "0"}  # the layers on XLA's convolutions
+    specs = [(JAX, [sys.executable, "-m", "benchmarks.jax_worker", *common], xla, ROOT)]
     for variant in threads:
         t, env = parse_variant(variant)
         argv = [sys.executable, "-m", "benchmarks.onednn_step", "--serve", *common]
