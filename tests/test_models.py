@@ -363,7 +363,9 @@ def test_strided_conv_gradients_equal_lax(size, f, s, padding):
 
 
 @pytest.mark.usefixtures("kernels_on")
-def test_strided_conv_layer_uses_phases_and_unstrided_ones_lax():
+def test_strided_conv_layer_uses_phases_and_unstrided_ones_lax(monkeypatch):
+    monkeypatch.setenv("CONVNETS_ONEDNN", "0")  # the XLA path (oneDNN's: tests/test_onednn.py)
+
     def backward(layer, x):
         return jax.jit(jax.grad(lambda x: jnp.sum(layer(x)))).lower(x).as_text()
 
@@ -483,8 +485,11 @@ def test_switched_off_the_layers_are_lax_and_forward_mode_works():
 
 
 @pytest.mark.parametrize("case", ["pooled_max", "resnet"])
-def test_models_compute_the_same_with_the_kernels_off(case):
-    """Switched off, a model is plain lax: the same logits, gradients to float rounding."""
+def test_models_compute_the_same_with_the_kernels_off(case, monkeypatch):
+    """Switched off, a model is plain lax: the same logits, gradients to float rounding. (The
+    rewrites keep XLA's values exactly; oneDNN's convolutions, which differ from XLA's by float
+    rounding, are compared with XLA's in tests/test_onednn.py and left out here.)"""
+    monkeypatch.setenv("CONVNETS_ONEDNN", "0")
     model = models.create_model(_cfg(*FAMILY_CASES[case]), TINY, 10, rngs=_rngs())
     _randomize_scores_layer(model)
     graphdef, state = nnx.split(model)
