@@ -47,6 +47,8 @@ from collections.abc import Callable, Iterator
 import jax
 import jax.numpy as jnp
 
+from models import onednn  # a leaf: onednn does not import this module
+
 ENV_VAR = "CONVNETS_CPU_KERNELS"
 _OFF_VALUES = ("0", "off", "false", "no")
 
@@ -176,16 +178,12 @@ def conv_general_dilated(
     """
     by_phases = (
         enabled()
-        and lhs.ndim == 4
+        and onednn.plain_nhwc_conv(
+            lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+            feature_group_count, kwargs,
+        )
         and max(window_strides) > 1
-        and not isinstance(padding, str)
-        and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-        and feature_group_count == 1
-        and dimension_numbers is not None
-        and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-        == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
-        and all(v is None for v in kwargs.values())  # precision, preferred type, sharding
-    )
+    )  # fmt: skip
     if by_phases:
         pads = tuple((int(lo), int(hi)) for lo, hi in padding)
         return _strided_conv(lhs, rhs, tuple(int(s) for s in window_strides), pads)
@@ -275,6 +273,4 @@ def window_pool(
 # module's switch is on and CONVNETS_ONEDNN is not off; every other pass, and every other case
 # (not float32, several devices, another backend, no extension), is `conv_general_dilated`
 # above. Whole training steps 1.23-1.38x faster on the 2-core CPU (benchmarks/README.md).
-from models import onednn  # noqa: E402 -- onednn does not import this module
-
 layer_conv_general_dilated = onednn.routed(conv_general_dilated, enabled)

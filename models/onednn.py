@@ -412,6 +412,25 @@ def conv(
     return _conv(x, kernel, strides, padding, plan, fallback)
 
 
+def plain_nhwc_conv(
+    lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count, kwargs
+) -> bool:
+    """Whether `lax.conv_general_dilated` with these arguments is a 2-D NHWC/HWIO convolution
+    with explicit padding, no dilation, one group and no precision/type/sharding options: the
+    case this module and `models.cpu_kernels` compute their own way."""
+    return (
+        getattr(lhs, "ndim", 0) == 4
+        and getattr(rhs, "ndim", 0) == 4
+        and not isinstance(padding, str)
+        and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+        and feature_group_count == 1
+        and dimension_numbers is not None
+        and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+        == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+        and all(v is None for v in kwargs.values())  # precision, preferred type, sharding
+    )
+
+
 def routed(
     conv_general_dilated: Callable[..., jax.Array], switch: Callable[[], bool] | None = None
 ) -> Callable[..., jax.Array]:
@@ -433,18 +452,10 @@ def routed(
         feature_group_count=1,
         **kwargs,
     ):
-        if (
-            (switch is None or switch())
-            and getattr(lhs, "ndim", 0) == 4
-            and getattr(rhs, "ndim", 0) == 4
-            and not isinstance(padding, str)
-            and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-            and feature_group_count == 1
-            and dimension_numbers is not None
-            and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-            == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
-            and all(v is None for v in kwargs.values())  # precision, preferred type, sharding
-        ):
+        if (switch is None or switch()) and plain_nhwc_conv(
+            lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+            feature_group_count, kwargs,
+        ):  # fmt: skip
             return conv(lhs, rhs, window_strides, padding, fallback=fallback)
         return conv_general_dilated(
             lhs,
