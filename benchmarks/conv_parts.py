@@ -251,6 +251,12 @@ def start_workers(convs: Sequence[Conv], batch: int, cores: int, reference: str)
 def measure(workers, convs: Sequence[Conv], windows: int, window_seconds: float) -> dict:
     """Times interleaved windows; returns {contestant: {conv key: {pass: median seconds}}}."""
     tasks = [(w, c.key, p) for c in convs for p in PASSES for w in workers]
+    return measure_tasks(tasks, windows, window_seconds)
+
+
+def measure_tasks(tasks, windows: int, window_seconds: float) -> dict:
+    """Times `tasks` [(worker, conv key, part)] in interleaved windows (the order reversed
+    every other round); returns {worker name: {conv key: {part: median seconds per call}}}."""
     steps = {}
     for worker, key, part in tasks:
         one = worker.call("time", conv=key, part=part, steps=1)

@@ -32,7 +32,6 @@ import dataclasses
 import datetime
 import json
 import os
-import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,8 +39,8 @@ from pathlib import Path
 from absl import app, flags
 
 from benchmarks import protocol
-from benchmarks.conv_parts import PASSES, Conv, make_inputs, model_convs
-from benchmarks.throughput import DEFAULT_MODELS, ROOT, cpu_model, require_presets, steps_for
+from benchmarks.conv_parts import PASSES, Conv, make_inputs, measure_tasks, model_convs
+from benchmarks.throughput import DEFAULT_MODELS, ROOT, cpu_model, require_presets
 
 XLA, TORCH = "xla", "torch"
 
@@ -166,22 +165,7 @@ def measure(workers, convs, layouts, windows: int, window_seconds: float) -> dic
             for w in workers:
                 names = [p] if w.name in (XLA, TORCH) else [f"{p}:{lay}" for lay in layouts]
                 tasks += [(w, conv.key, n) for n in names]
-    steps = {}
-    for worker, key, part in tasks:
-        one = worker.call("time", conv=key, part=part, steps=1)
-        steps[worker.name, key, part] = steps_for(one["seconds"], window_seconds)
-    samples: dict = {}
-    for round_index in range(windows):
-        order = tasks if round_index % 2 == 0 else tasks[::-1]
-        for worker, key, part in order:
-            window = worker.call("time", conv=key, part=part, steps=steps[worker.name, key, part])
-            samples.setdefault((worker.name, key, part), []).append(
-                window["seconds"] / window["steps"]
-            )
-    out: dict = {}
-    for (name, key, part), values in samples.items():
-        out.setdefault(name, {}).setdefault(key, {})[part] = statistics.median(values)
-    return out
+    return measure_tasks(tasks, windows, window_seconds)
 
 
 def best_onednn(timings: dict, key: str, name: str) -> tuple[float, str]:
