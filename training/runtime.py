@@ -318,6 +318,15 @@ def nvidia_driver_major(proc: Path = Path("/proc")) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _first_device_node(dev: Path, pattern: str) -> str | None:
+    """The first device file of `dev` matching `pattern` (e.g. /dev/nvidia0), or None."""
+    try:
+        nodes = sorted(p.name for p in dev.glob(pattern))
+    except OSError:
+        nodes = []
+    return str(dev / nodes[0]) if nodes else None
+
+
 def visible_gpu(
     environ: dict | None = None, dev: Path = Path("/dev"), which=shutil.which
 ) -> str | None:
@@ -325,12 +334,9 @@ def visible_gpu(
     'nvidia-smi on the PATH', 'CUDA_VISIBLE_DEVICES=0', 'SLURM_GPUS_ON_NODE=1'; None when
     nothing does. `environ`, `dev` and `which` are parameters so tests can fake the machine."""
     env = os.environ if environ is None else environ
-    try:
-        nodes = sorted(p.name for p in dev.glob("nvidia[0-9]*"))
-    except OSError:
-        nodes = []
-    if nodes:
-        return str(dev / nodes[0])
+    node = _first_device_node(dev, "nvidia[0-9]*")
+    if node:
+        return node
     if which("nvidia-smi"):
         return "nvidia-smi on the PATH"
     cuda = env.get("CUDA_VISIBLE_DEVICES", "").strip()
@@ -348,12 +354,9 @@ def visible_gpu(
 def visible_tpu(environ: dict | None = None, dev: Path = Path("/dev")) -> str | None:
     """What shows a TPU to this process ('/dev/accel0', 'TPU_ACCELERATOR_TYPE=v5e-8'), or None."""
     env = os.environ if environ is None else environ
-    try:
-        nodes = sorted(p.name for p in dev.glob("accel[0-9]*"))
-    except OSError:
-        nodes = []
-    if nodes:
-        return str(dev / nodes[0])
+    node = _first_device_node(dev, "accel[0-9]*")
+    if node:
+        return node
     for name in ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES"):
         if env.get(name):
             return f"{name}={env[name]}"
