@@ -76,18 +76,35 @@ def define(
     budgets: Mapping[str, Mapping[str, Any]],
     seeds: Mapping[str, tuple[int, ...]],
     cpu_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    variant_overrides: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
 ) -> Callable[[str], Experiment]:
     """Returns an experiment file's `get_experiment(variant)`: the runs of `presets` with the
     variant's budget and seeds (default (0, 1, 2)); `cpu_overrides[row]` apply to the CPU
-    variants (small, fashion_mnist), never to cifar10, which keeps the papers' models."""
+    variants (small, fashion_mnist), never to cifar10, which keeps the papers' models;
+    `variant_overrides[variant][row]` apply to that variant only, after them."""
 
     def get_experiment(variant: str = "small") -> Experiment:
         cpu = variant != "cifar10"
-        runs = preset_runs(variant, presets, budgets.get(variant), cpu_overrides if cpu else None)
+        per_run = {row: dict(o) for row, o in ((cpu_overrides or {}) if cpu else {}).items()}
+        for row, o in (variant_overrides or {}).get(variant, {}).items():
+            per_run[row] = {**per_run.get(row, {}), **o}
+        runs = preset_runs(variant, presets, budgets.get(variant), per_run)
         # Shifts up to 4 pixels on a CPU: each shift is one more pass over the test set.
         return Experiment(name, question, runs, seeds.get(variant, (0, 1, 2)), 4 if cpu else 8)
 
     return get_experiment
+
+
+def epochs_budget(epochs: int, steps_per_epoch: int) -> dict[str, int]:
+    """Returns the training overrides of `epochs` passes over the training split: evaluation
+    and a checkpoint once per epoch (so the plateau check sees the last epochs), warm-up over
+    the first epoch."""
+    return {
+        "training.num_steps": epochs * steps_per_epoch,
+        "training.eval_every_steps": steps_per_epoch,
+        "training.checkpoint_every_steps": steps_per_epoch,
+        "schedule.warmup_steps": steps_per_epoch,
+    }
 
 
 def get(spec: str) -> Experiment:

@@ -14,6 +14,12 @@ from errors import UserError  # noqa: E402
 from experiments import report, runner  # noqa: E402
 
 _OUTPUT = flags.DEFINE_string("output", None, "Output folder (default: runs/NAME_VARIANT).")
+_ONLY = flags.DEFINE_list(
+    "only",
+    [],
+    "run: train only these runs (row names, comma-separated); the report still "
+    "shows every finished run.",
+)
 ACTIONS = ("run", "report", "commands", "slurm")
 
 
@@ -35,7 +41,7 @@ def main(argv):
             print(f"wrote {path}: submit it with `sbatch {path}`")
             return
         if action == "run":
-            runner.run_missing(experiment, output)
+            runner.run_missing(experiment, output, tuple(_ONLY.value))
         table = report.write(experiment, output, spec)
     except UserError as e:
         sys.exit(f"error: {e}")

@@ -217,6 +217,32 @@ def plot(rows: list[dict], output: Path) -> list[Path]:
     return paths
 
 
+def run_environments(experiment: Experiment, output: Path, rows: list[dict]) -> list[dict]:
+    """The environment.json of every reported run (run, seed), in the report's order."""
+    by_name = {run.name: run for run in experiment.runs}
+    envs = []
+    for row in rows:
+        for seed in row["seeds"]:
+            path = run_dir(output, by_name[row["name"]], seed["seed"]) / "environment.json"
+            if path.exists():
+                envs.append(json.loads(path.read_text()))
+    return envs
+
+
+def commits_line(envs: list[dict]) -> str:
+    """'commit X' when every run was trained at one commit, else 'commits X (n runs), ...';
+    a run from a tree with uncommitted changes keeps its '+dirty', so the report shows it."""
+    counts: dict[str, int] = {}
+    for env in envs:
+        commit = env.get("git_commit") or "?"
+        counts[commit] = counts.get(commit, 0) + 1
+    if not counts:
+        return "commit ?"
+    if len(counts) == 1:
+        return f"commit {next(iter(counts))}"
+    return "commits " + ", ".join(f"{c} ({n} runs)" for c, n in counts.items())
+
+
 def write(experiment: Experiment, output: Path, spec: str) -> str:
     """Writes report.md, results.json (the collected numbers) and the plots; returns the table."""
     output = Path(output)
@@ -228,8 +254,8 @@ def write(experiment: Experiment, output: Path, spec: str) -> str:
         )
     table = markdown_table(rows) + "\n\n" + comparison(rows)
     plot(rows, output)
-    env_file = run_dir(output, experiment.runs[0], experiment.seeds[0]) / "environment.json"
-    env = json.loads(env_file.read_text()) if env_file.exists() else {}
+    envs = run_environments(experiment, output, rows)
+    env = envs[0] if envs else {}
     versions = ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items())
     text = f"""# Experiment `{spec}`
 
@@ -252,7 +278,7 @@ compilation and evaluation; images/s is the median over logging intervals.
 
 Produced by `python -m experiments run {spec} --output={output}` on {env.get("device_count", "?")} x
 {env.get("device_kind", "?")} ({env.get("platform", "?")}, {env.get("cpu_count", "?")} CPU cores),
-commit {env.get("git_commit", "?")}; {versions}.
+{commits_line(envs)}; {versions}.
 """
     (output / "report.md").write_text(text)
     summary = [

@@ -38,8 +38,9 @@ def build_config(run: Run, seed: int):
     return config
 
 
-def run_missing(experiment: Experiment, output: Path) -> list[Path]:
-    """Trains and evaluates every run that has no results yet; returns the workdirs it touched.
+def run_missing(experiment: Experiment, output: Path, only: tuple[str, ...] = ()) -> list[Path]:
+    """Trains and evaluates every run (or the runs named in `only`) that has no results yet;
+    returns the workdirs it touched.
 
     A run with a results.json is skipped when its folder holds that run's config; a folder
     holding another config's finished run is refused with one line (UserError). An
@@ -50,8 +51,17 @@ def run_missing(experiment: Experiment, output: Path) -> list[Path]:
     import evaluation  # deferred: importing JAX is slow
     from training import loop
 
+    names = [run.name for run in experiment.runs]
+    unknown = [name for name in only if name not in names]
+    if unknown:
+        raise UserError(
+            f"--only names no run of {experiment.name}: {', '.join(unknown)}; its runs are "
+            f"{', '.join(names)}"
+        )
     touched = []
     for run in experiment.runs:
+        if only and run.name not in only:
+            continue
         for seed in experiment.seeds:
             workdir = run_dir(output, run, seed)
             if (workdir / TRAINED).exists():

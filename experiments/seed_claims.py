@@ -29,7 +29,6 @@ QUESTION = (
 # Beyond eval's default measures (layer_invariance is one of them; listed for runs evaluated
 # before it was).
 MEASURES = ("layer_invariance", "probes", "top_patches")
-SEEDS = {"small": (0,), "fashion_mnist": (0, 1)}  # the families experiment's
 
 
 get_experiment = define(
@@ -37,6 +36,7 @@ get_experiment = define(
     QUESTION,
     families.PRESETS,
     budgets=families.BUDGETS,
-    seeds=SEEDS,
+    seeds=families.SEEDS,
     cpu_overrides=families.SMALL_ALLCNN,
+    variant_overrides=families.VARIANT_OVERRIDES,
 )

@@ -40,8 +40,10 @@ def tiny_experiment() -> Experiment:
 @pytest.mark.slow
 def test_tiny_experiment_end_to_end_and_rerun_skips(tmp_path):
     experiment = tiny_experiment()
-    touched = runner.run_missing(experiment, tmp_path)
-    assert len(set(touched)) == 4
+    touched = runner.run_missing(experiment, tmp_path, only=("pooled_avg",))
+    assert {p.parent.name for p in touched} == {"pooled_avg"} and len(set(touched)) == 2
+    touched = runner.run_missing(experiment, tmp_path)  # the rest
+    assert {p.parent.name for p in touched} == {"plain"} and len(set(touched)) == 2
     table = report.write(experiment, tmp_path, "tiny")
     rows = [line for line in table.splitlines() if line.startswith(("| plain", "| pooled"))]
     assert [r.split("|")[1].strip() for r in rows] == ["plain", "pooled_avg"]
@@ -80,6 +82,8 @@ def test_tiny_experiment_end_to_end_and_rerun_skips(tmp_path):
         assert (tmp_path / name).stat().st_size > 1000, name
     text = (tmp_path / "report.md").read_text()
     assert "Does the runner work?" in text and table in text
+    commit = json.loads((touched[0] / "environment.json").read_text())["git_commit"]
+    assert f"commit {commit};" in text  # all four runs trained at one commit
     assert "**Ranking by test accuracy**" in table and "Pairs told apart" in table
     summary = json.loads((tmp_path / "results.json").read_text())
     assert [s["name"] for s in summary] == ["plain", "pooled_avg"]
@@ -97,6 +101,35 @@ def test_every_experiment_and_variant_builds_valid_configs():
             assert experiment.runs and experiment.seeds
             for run in experiment.runs:
                 schema.validate(runner.build_config(run, seed=0))
+
+
+def test_variant_overrides_apply_to_their_variant_only():
+    def allcnn(variant):
+        experiment = experiments.get(f"families:{variant}")
+        return next(r for r in experiment.runs if r.name == "allcnn_c").overrides
+
+    assert allcnn("fashion_mnist")["model.widths"] == (32, 64)  # the variant's own
+    assert allcnn("fashion_mnist")["model.norm"] == "batch"  # from the CPU overrides
+    assert allcnn("small")["model.widths"] == (48, 96)
+    assert "model.widths" not in allcnn("cifar10")  # the paper's model
+    fmnist = experiments.get("families:fashion_mnist")
+    assert len(fmnist.seeds) >= 3
+    steps = {r.overrides["training.num_steps"] for r in fmnist.runs}
+    assert steps == {15 * 430}
+
+
+def test_only_names_unknown_runs_in_one_line(tmp_path):
+    with pytest.raises(experiments.UserError, match="--only names no run of tiny: nope"):
+        runner.run_missing(tiny_experiment(), tmp_path, only=("nope",))
+    assert not any(tmp_path.iterdir())  # nothing trained
+
+
+def test_the_report_names_every_commit_its_runs_came_from():
+    one = [{"git_commit": "abc"}, {"git_commit": "abc"}]
+    assert report.commits_line(one) == "commit abc"
+    mixed = [{"git_commit": "abc"}, {"git_commit": "def+dirty"}, {"git_commit": "abc"}]
+    assert report.commits_line(mixed) == "commits abc (2 runs), def+dirty (1 runs)"
+    assert report.commits_line([]) == "commit ?"
 
 
 def test_unknown_experiment_or_variant():
