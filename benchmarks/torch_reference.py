@@ -76,8 +76,9 @@ def to_nchw(images_nhwc: np.ndarray) -> torch.Tensor:
 
 
 def make_train_step(model: Network, learning_rate: float, momentum: float, weight_decay: float):
-    """Returns step(images, labels) -> loss: one SGD step (Nesterov momentum, L2 weight decay on
-    kernels only, like training.optim) with cross-entropy, BatchNorm in training mode."""
+    """Returns step(images, labels, learning_rate=None) -> loss: one SGD step (Nesterov
+    momentum, L2 weight decay on kernels only, like training.optim) with cross-entropy,
+    BatchNorm in training mode; `learning_rate` replaces the rate from that step on."""
     decay = [p for p in model.parameters() if p.dim() > 1]
     no_decay = [p for p in model.parameters() if p.dim() <= 1]
     optimizer = torch.optim.SGD(
@@ -88,7 +89,12 @@ def make_train_step(model: Network, learning_rate: float, momentum: float, weigh
     )
     model.train()
 
-    def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def step(
+        images: torch.Tensor, labels: torch.Tensor, learning_rate: float | None = None
+    ) -> torch.Tensor:
+        if learning_rate is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate
         optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(images), labels)
         loss.backward()

@@ -300,3 +300,56 @@ def test_compile_time_script_refuses_an_unknown_commit():
     assert run.returncode != 0
     assert "--before_commit=no-such-commit" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+TIME_TO_ACCURACY = [
+    "--config=configs/builtin.py:resnet20",
+    "--epochs=1",
+    "--set=dataset.builtin_image_size=16",
+    "--set=dataset.builtin_train_size=640",
+    "--set=dataset.builtin_test_size=200",
+    "--set=training.eval_batch_size=100",
+]
+
+
+def _time_to_accuracy(tmp_path, *args) -> dict:
+    out = tmp_path / "tta.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.time_to_accuracy", *TIME_TO_ACCURACY, *args]
+        + [f"--output={out}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| jax |" in done.stdout
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_stops_at_the_target_and_times_training_only(tmp_path):
+    # 640 images / batch 128 = 5 steps per epoch, an evaluation after each step
+    reached = _time_to_accuracy(tmp_path, "--target=0", "--reference=none")
+    jax_side = reached["sides"]["jax"]
+    assert jax_side["reached"] and jax_side["steps"] == 1 and len(jax_side["curve"]) == 1
+    assert 0 < jax_side["train_seconds"] < jax_side["end_to_end_seconds"]
+    assert jax_side["end_to_end_seconds"] == pytest.approx(
+        jax_side["set_up_seconds"] + jax_side["train_seconds"]
+    )
+    assert reached["settings"]["steps_per_epoch"] == 5 and "ratios" not in reached
+    missed = _time_to_accuracy(tmp_path, "--target=1.01", "--reference=none")["sides"]["jax"]
+    assert not missed["reached"] and missed["train_seconds"] is None
+    assert [p["step"] for p in missed["curve"]] == [1, 2, 3, 4, 5]  # the whole schedule
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_races_pytorch_on_the_same_recipe(tmp_path):
+    pytest.importorskip("torch", reason="needs the bench extra: pip install -e '.[bench]'")
+    result = _time_to_accuracy(tmp_path, "--target=0")
+    torch_side = result["sides"]["torch"]
+    assert torch_side["reached"] and torch_side["steps"] == 1
+    ours, theirs = result["sides"]["jax"], torch_side
+    assert result["ratios"]["train_seconds"] == pytest.approx(
+        ours["train_seconds"] / theirs["train_seconds"]
+    )
