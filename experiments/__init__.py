@@ -95,6 +95,17 @@ def define(
     return get_experiment
 
 
+def with_seeds(experiment: Experiment, seeds) -> Experiment:
+    """Returns `experiment` with other seeds (non-negative integers, no repeats)."""
+    try:
+        values = tuple(int(seed) for seed in seeds)
+    except ValueError as e:
+        raise UserError(f"--seeds takes integers, e.g. --seeds=3,4,5 ({e})") from e
+    if not values or min(values) < 0 or len(set(values)) != len(values):
+        raise UserError(f"--seeds={','.join(map(str, seeds))}: give distinct integers >= 0")
+    return dataclasses.replace(experiment, seeds=values)
+
+
 def epochs_budget(epochs: int, steps_per_epoch: int) -> dict[str, int]:
     """Returns the training overrides of `epochs` passes over the training split: evaluation
     and a checkpoint once per epoch (so the plateau check sees the last epochs), warm-up over

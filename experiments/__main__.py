@@ -1,4 +1,5 @@
-"""python -m experiments {run|report|commands|slurm} NAME[:VARIANT] [--output=DIR]"""
+"""python -m experiments {run|report|commands|slurm} NAME[:VARIANT] [--output=DIR] [--seeds=..]
+[--only=ROW,..]"""
 
 import sys
 from pathlib import Path
@@ -20,6 +21,12 @@ _ONLY = flags.DEFINE_list(
     "run: train only these runs (row names, comma-separated); the report still "
     "shows every finished run.",
 )
+_SEEDS = flags.DEFINE_list(
+    "seeds",
+    [],
+    "Seeds to train and report instead of the experiment's own (e.g. 3,4,5: the "
+    "same comparison on another seed set).",
+)
 ACTIONS = ("run", "report", "commands", "slurm")
 
 
@@ -30,6 +37,8 @@ def main(argv):
     action, spec = argv[1], argv[2]
     try:
         experiment = experiments.get(spec)
+        if _SEEDS.value:
+            experiment = experiments.with_seeds(experiment, _SEEDS.value)
         output = Path(_OUTPUT.value or Path("runs") / spec.replace(":", "_"))
         if action == "commands":
             print("\n".join(runner.commands(experiment, output)))

@@ -132,6 +132,14 @@ def test_the_report_names_every_commit_its_runs_came_from():
     assert report.commits_line([]) == "commit ?"
 
 
+def test_seeds_must_be_distinct_non_negative_integers():
+    tiny = tiny_experiment()
+    assert experiments.with_seeds(tiny, ["3", "4", "5"]).seeds == (3, 4, 5)
+    for bad in (["x"], ["-1"], ["2", "2"], []):
+        with pytest.raises(experiments.UserError, match="--seeds"):
+            experiments.with_seeds(tiny, bad)
+
+
 def test_unknown_experiment_or_variant():
     with pytest.raises(experiments.UserError, match="unknown experiment 'nope'"):
         experiments.get("nope")
@@ -158,6 +166,12 @@ def test_commands_and_slurm_script(tmp_path):
     assert len(lines) == len(experiment.runs) * len(experiment.seeds)
     assert lines[0].startswith("python train.py --config=configs/cifar10.py:plain")
     assert "--config.seed=0" in lines[0] and "python eval.py --workdir=" in lines[0]
+    other = _experiments_cli(
+        "commands", "weight_sharing:cifar10", f"--output={tmp_path}", "--seeds=3,4"
+    ).splitlines()
+    assert len(other) == len(experiment.runs) * 2
+    assert [line.count("--config.seed=3") for line in other[:2]] == [1, 0]
+    assert "--config.seed=4" in other[1] and "/seed_3" in other[0] and "/seed_4" in other[1]
     _experiments_cli("slurm", "weight_sharing:cifar10", f"--output={tmp_path}")
     script = (tmp_path / "slurm.sh").read_text()
     assert f"#SBATCH --array=0-{len(lines) - 1}" in script
