@@ -65,6 +65,19 @@ def test_roi_max_pool_matches_the_numpy_loop(out):
     assert (np.asarray(got[4]) == 0).all()
 
 
+def test_roi_max_pool_matches_the_numpy_loop_on_random_boxes():
+    # boxes of every size up to beyond the map: every level of the range-max table is read,
+    # and bins of 1 to 12 cells
+    rng = np.random.default_rng(3)
+    features = rng.normal(size=(3, 14, 13, 4)).astype(np.float32)
+    corner = rng.uniform(-40, 200, size=(64, 2))
+    boxes = np.concatenate([corner, corner + rng.uniform(1, 260, size=(64, 2))], 1)
+    batch_index = rng.integers(0, 3, 64)
+    want, _ = _reference(features, boxes.astype(np.float32), batch_index, 7, 5, 1 / 16)
+    got = roi.roi_max_pool(features, boxes, batch_index, (7, 5), spatial_scale=1 / 16)
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
 def test_roi_max_pool_gradient_goes_to_each_bins_maximum():
     rng = np.random.default_rng(1)
     features = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
