@@ -32,6 +32,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dataset.builtin_train_size = 20_000
     c.dataset.builtin_test_size = 2_000
     c.dataset.builtin_image_size = 32  # side of the built-in images, in pixels (>= 8)
+    # background clutter of the built-in images in [0, 1]: round(5 x clutter) distractor
+    # rectangles and pixel noise of std 0.06 x clutter; the same objects at any value
+    c.dataset.builtin_clutter = 1.0
     c.dataset.augment_crop_padding = 4  # random crop after zero padding; 0 turns it off
     c.dataset.augment_flip = True  # random horizontal flip
     # Hold the dataset on the devices, shuffle and cut each batch there (no per-step transfer;

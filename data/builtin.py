@@ -132,12 +132,13 @@ def _object_masks(p: dict[str, np.ndarray], image_size: int) -> np.ndarray:
     return masks
 
 
-def _distractor_layer(p: dict[str, np.ndarray], image_size: int) -> np.ndarray:
-    """Returns int [n, S, S]: index of the top distractor at each pixel, -1 where none."""
+def _distractor_layer(p: dict[str, np.ndarray], image_size: int, count: int) -> np.ndarray:
+    """Returns int [n, S, S]: index of the top distractor at each pixel (the first `count`
+    of the drawn ones), -1 where none."""
     n = len(p["labels"])
     pixels = np.arange(image_size)
     layer = np.full((n, image_size, image_size), -1)
-    for k in range(_NUM_DISTRACTORS):
+    for k in range(count):
         # Rectangles of 1 to _MAX_DISTRACTOR pixels a side: as thin as a bar or as square as a
         # checkerboard cell, so no single stroke or patch gives a class.
         y0, x0, h, w = np.moveaxis(p["distractor_box"][:, k], 1, 0)
@@ -149,8 +150,11 @@ def _distractor_layer(p: dict[str, np.ndarray], image_size: int) -> np.ndarray:
     return layer
 
 
-def _render(p: dict[str, np.ndarray], masks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Returns uint8 [n, S, S, 3]: gradient background, distractors, object on top, noise."""
+def _render(
+    p: dict[str, np.ndarray], masks: np.ndarray, rng: np.random.Generator, clutter: float
+) -> np.ndarray:
+    """Returns uint8 [n, S, S, 3]: gradient background, distractors, object on top, noise;
+    `clutter` scales the number of distractors and the noise."""
     n, size = masks.shape[:2]
     ramp = np.linspace(-1.0, 1.0, size, dtype=np.float32)
     images = (
@@ -158,12 +162,12 @@ def _render(p: dict[str, np.ndarray], masks: np.ndarray, rng: np.random.Generato
         + ramp[None, :, None, None] * p["gradient"][:, None, None, 0, :]
         + ramp[None, None, :, None] * p["gradient"][:, None, None, 1, :]
     ).astype(np.float32)
-    layer = _distractor_layer(p, size)
+    layer = _distractor_layer(p, size, round(_NUM_DISTRACTORS * clutter))
     layer[masks] = _NUM_DISTRACTORS  # the object covers the distractors
     palette = np.concatenate([p["distractor_colour"], p["colour"][:, None]], axis=1)
     painted = np.take_along_axis(palette, np.maximum(layer, 0).reshape(n, -1, 1), axis=1)
     images = np.where((layer >= 0)[..., None], painted.reshape(images.shape), images)
-    images += rng.standard_normal(images.shape, dtype=np.float32) * np.float32(_NOISE_STD)
+    images += rng.standard_normal(images.shape, dtype=np.float32) * np.float32(_NOISE_STD * clutter)
     return np.clip(images * 255 + 0.5, 0, 255).astype(np.uint8)
 
 
@@ -177,8 +181,15 @@ def _boxes(masks: np.ndarray) -> np.ndarray:
     return (np.stack([ymin, xmin, ymax, xmax], axis=1) / size).astype(np.float32)
 
 
-def generate(n: int, *, seed: int, image_size: int = 32, return_boxes: bool = False):
-    """Generates `n` labelled images, deterministic given (n, seed, image_size).
+def generate(
+    n: int, *, seed: int, image_size: int = 32, clutter: float = 1.0, return_boxes: bool = False
+):
+    """Generates `n` labelled images, deterministic given (n, seed, image_size, clutter).
+
+    `clutter` in [0, 1] scales the background clutter: round(5 * clutter) distractor
+    rectangles and pixel noise of std 0.06 * clutter (1: the default; 0: the object on its
+    gradient background only). Every random draw is the same at any clutter, so the same
+    seed gives the same objects, colours and positions.
 
     Returns (images uint8 [n, S, S, 3], labels int32 [n]) with S = image_size, and with
     `return_boxes` also boxes float32 [n, 4]: the tight box of each object as
@@ -192,7 +203,7 @@ def generate(n: int, *, seed: int, image_size: int = 32, return_boxes: bool = Fa
     for start in range(0, n, _CHUNK):
         chunk = {k: v[start : start + _CHUNK] for k, v in p.items()}
         masks = _object_masks(chunk, image_size)
-        images[start : start + _CHUNK] = _render(chunk, masks, rng)
+        images[start : start + _CHUNK] = _render(chunk, masks, rng, clutter)
         boxes[start : start + _CHUNK] = _boxes(masks)
     if return_boxes:
         return images, p["labels"], boxes

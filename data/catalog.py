@@ -89,5 +89,15 @@ def dataset_info(ds_cfg: ml_collections.ConfigDict) -> DatasetInfo:
                 f"config.dataset.builtin_image_size={size!r}: must be an integer >= "
                 f"{builtin.MIN_IMAGE_SIZE} (pixels)."
             )
+        clutter = ds_cfg.get("builtin_clutter", 1.0)
+        if (
+            isinstance(clutter, bool)
+            or not isinstance(clutter, int | float)
+            or not 0 <= clutter <= 1
+        ):
+            raise UserError(
+                f"config.dataset.builtin_clutter={clutter!r}: must be a number in [0, 1] "
+                "(1: 5 distractors and full pixel noise; 0: none)."
+            )
         return dataclasses.replace(_INFOS["builtin"], image_shape=(size, size, 3))
     return _INFOS[ds_cfg.name]

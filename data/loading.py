@@ -73,6 +73,7 @@ def _read(ds_cfg: ml_collections.ConfigDict, source: str) -> dict[str, files.Arr
                 ds_cfg[f"builtin_{split}_size"],
                 seed=seed,
                 image_size=ds_cfg.get("builtin_image_size", builtin.IMAGE_SIZE),
+                clutter=ds_cfg.get("builtin_clutter", 1.0),
             )
             for split, seed in (("train", builtin.TRAIN_SEED), ("test", builtin.TEST_SEED))
         }

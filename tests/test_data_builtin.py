@@ -69,3 +69,43 @@ def test_image_size_from_the_config_reaches_the_data_and_the_model():
     config.dataset.builtin_image_size = 4
     with pytest.raises(UserError, match="builtin_image_size=4: must be an integer >= 8"):
         schema.validate(config)
+
+
+def test_clutter_scales_distractors_and_noise_and_keeps_the_objects():
+    import pytest
+
+    import data
+    from configs import builtin as builtin_config
+    from configs import schema
+    from errors import UserError
+
+    full, labels, boxes = builtin.generate(200, seed=2, return_boxes=True)
+    half, labels_half, boxes_half = builtin.generate(200, seed=2, clutter=0.5, return_boxes=True)
+    clean, labels_clean, boxes_clean = builtin.generate(200, seed=2, clutter=0, return_boxes=True)
+    np.testing.assert_array_equal(labels, labels_clean)  # the same objects at any clutter
+    np.testing.assert_array_equal(boxes, boxes_clean)
+    np.testing.assert_array_equal(labels, labels_half)
+    np.testing.assert_array_equal(boxes, boxes_half)
+    # Without clutter, the background is the noiseless gradient: its second differences
+    # along a row vanish (up to uint8 rounding) away from the object; with clutter they don't.
+    rows = np.arange(32)
+    ymin, xmin, ymax, xmax = (boxes * 32).T
+
+    def background_roughness(images):
+        values = []
+        for image, y0, y1 in zip(images.astype(float), ymin, ymax, strict=True):
+            free = (rows < int(y0) - 1) | (rows > int(np.ceil(y1)))
+            values.append(np.abs(np.diff(image[free], n=2, axis=1)).mean())
+        return np.mean(values)
+
+    assert background_roughness(clean) < 1.0 < background_roughness(half)
+    assert background_roughness(half) < background_roughness(full)
+    config = builtin_config.get_config()
+    config.dataset.builtin_clutter = 0.0
+    config.dataset.builtin_train_size, config.dataset.builtin_test_size = 20, 10
+    test = builtin.generate(10, seed=builtin.TEST_SEED, clutter=0)[0]
+    np.testing.assert_array_equal(data.load(config.dataset, seed=0).test.images, test)
+    for bad in (1.5, -0.1):
+        config.dataset.builtin_clutter = bad
+        with pytest.raises(UserError, match="builtin_clutter=.*must be a number in \\[0, 1\\]"):
+            schema.validate(config)
