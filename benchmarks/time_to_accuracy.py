@@ -36,16 +36,13 @@ from pathlib import Path
 
 from absl import app, flags
 
+from configs import fashion_mnist
+
 ROOT = Path(__file__).resolve().parent.parent
 SIDES = ("jax", "torch")
-# The recipe both sides train with (the config's other fields: configs/fashion_mnist.py).
+# The recipe both sides train with: the ResNets' on Fashion-MNIST (configs/fashion_mnist.py).
 RECIPE = {
-    "optimizer.name": "sgd",
-    "optimizer.learning_rate": 0.1,
-    "optimizer.momentum": 0.9,
-    "optimizer.nesterov": True,
-    "optimizer.weight_decay": 5e-4,
-    "schedule.name": "cosine",
+    **fashion_mnist.RESNET_RECIPE,
     "dataset.validation_size": 0,  # the target is test accuracy: train on all 60,000 images
     "dataset.eval_split": "test",
 }

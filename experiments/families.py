@@ -37,7 +37,12 @@ BUDGETS = {
     "fashion_mnist": epochs_budget(FASHION_MNIST_EPOCHS, fashion_mnist.STEPS_PER_EPOCH),
     "cifar10": {},
 }
-VARIANT_OVERRIDES = {"fashion_mnist": {"allcnn_c": {"model.widths": (32, 64)}}}
+VARIANT_OVERRIDES = {
+    "fashion_mnist": {
+        "allcnn_c": {"model.widths": (32, 64)},
+        "resnet20": fashion_mnist.RESNET_RECIPE,
+    }
+}
 SEEDS = {"small": (0,), "fashion_mnist": (0, 1, 2)}
 
 

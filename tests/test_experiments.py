@@ -112,6 +112,10 @@ def test_variant_overrides_apply_to_their_variant_only():
     assert allcnn("fashion_mnist")["model.norm"] == "batch"  # from the CPU overrides
     assert allcnn("small")["model.widths"] == (48, 96)
     assert "model.widths" not in allcnn("cifar10")  # the paper's model
+    fmnist_resnet = next(
+        r for r in experiments.get("families:fashion_mnist").runs if r.name == "resnet20"
+    )
+    assert fmnist_resnet.overrides["optimizer.name"] == "sgd"  # a ResNet's own recipe there
     fmnist = experiments.get("families:fashion_mnist")
     assert len(fmnist.seeds) >= 3
     steps = {r.overrides["training.num_steps"] for r in fmnist.runs}
