@@ -13,6 +13,7 @@ from absl import app, flags, logging  # noqa: E402
 import experiments  # noqa: E402
 from errors import UserError  # noqa: E402
 from experiments import report, runner  # noqa: E402
+from training import loop  # noqa: E402
 
 _OUTPUT = flags.DEFINE_string("output", None, "Output folder (default: runs/NAME_VARIANT).")
 _ONLY = flags.DEFINE_list(
@@ -52,6 +53,9 @@ def main(argv):
         if action == "run":
             runner.run_missing(experiment, output, tuple(_ONLY.value))
         table = report.write(experiment, output, spec)
+    except loop.Preempted as e:  # SIGTERM or Ctrl-C mid-run: its checkpoint is saved
+        logging.warning("%s", e)
+        sys.exit(e.exit_code)
     except UserError as e:
         sys.exit(f"error: {e}")
     logging.info("report written to %s", output / "report.md")

@@ -175,28 +175,36 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(small_filesystem):
 
 
 @pytest.mark.parametrize(
-    "signum, code, said",
+    "cli, signum, code, said",
     [
-        (signal.SIGTERM, 143, "stopped by SIGTERM after saving"),
-        (signal.SIGINT, 130, "stopped by SIGINT (Ctrl-C) after saving"),
+        ("train.py", signal.SIGTERM, 143, "stopped by SIGTERM after saving"),
+        ("train.py", signal.SIGINT, 130, "stopped by SIGINT (Ctrl-C) after saving"),
+        ("experiments", signal.SIGTERM, 143, "stopped by SIGTERM after saving"),
     ],
 )
-def test_sigterm_and_ctrl_c_save_a_checkpoint_and_exit(tmp_path, signum, code, said):
-    args = [
-        "--config=configs/builtin.py:plain",
-        *SMALL,
-        "--config.training.num_steps=100000",
-        "--config.training.checkpoint_every_steps=100000",
-        f"--workdir={tmp_path}",
-    ]
+def test_sigterm_and_ctrl_c_save_a_checkpoint_and_exit(tmp_path, cli, signum, code, said):
+    if cli == "train.py":
+        command = [
+            "train.py",
+            "--config=configs/builtin.py:plain",
+            *SMALL,
+            "--config.training.num_steps=100000",
+            "--config.training.checkpoint_every_steps=100000",
+            f"--workdir={tmp_path}",
+        ]
+        workdir = tmp_path
+    else:  # the experiment runner, mid-way through one of its runs
+        command = ["-m", "experiments", "run", "families:small", "--only=plain", "--seeds=0"]
+        command.append(f"--output={tmp_path}")
+        workdir = tmp_path / "plain" / "seed_0"
     proc = subprocess.Popen(
-        [sys.executable, "train.py", *args],
+        [sys.executable, *command],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    metrics = tmp_path / "metrics.jsonl"
+    metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and not (metrics.exists() and metrics.read_text()):
         time.sleep(0.1)
@@ -205,7 +213,7 @@ def test_sigterm_and_ctrl_c_save_a_checkpoint_and_exit(tmp_path, signum, code, s
     assert proc.returncode == code, err[-2000:]
     assert said in err and "rerun the same command to resume" in err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
-    assert ckpt_lib.Checkpoints(tmp_path, keep=2).latest_step() > 0
+    assert ckpt_lib.Checkpoints(workdir, keep=2).latest_step() > 0
 
 
 @pytest.mark.slow
