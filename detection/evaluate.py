@@ -145,3 +145,55 @@ def coco_ap(
         "per_class_ap50": per_class_50,
         **summary,
     }
+
+
+def voc_ap(
+    truth: Sequence[Truth],
+    detections: Sequence[Detections],
+    class_names: Sequence[str],
+    *,
+    iou_threshold: float = 0.5,
+) -> dict:
+    """Returns {'map': the mean over classes with ground truth, 'per_class': {name: AP}}: the
+    PASCAL VOC 2007 11-point interpolated AP (the R-CNN and Fast R-CNN papers' measure).
+
+    Per class, detections of every image are ranked by score; each is a true positive if it
+    overlaps a not yet matched ground-truth box of its class and image with IoU >=
+    `iou_threshold` (the most-overlapping one), else a false positive. AP = the mean over
+    recall levels t = 0, 0.1, ..., 1 of the highest precision at recall >= t (0 if none).
+    No 'difficult' objects here (the scenes have none); IoU in the continuous convention.
+    """
+    if len(truth) != len(detections):
+        raise UserError(f"{len(detections)} detection lists for {len(truth)} images")
+    per_class = {}
+    for c, name in enumerate(class_names):
+        gt = [np.asarray(b, np.float32).reshape(-1, 4)[np.asarray(k) == c] for b, k in truth]
+        total = sum(len(g) for g in gt)
+        if not total:
+            continue
+        found = [
+            (float(s), i, np.asarray(b, np.float32).reshape(-1, 4)[j])
+            for i, (b, scores, classes) in enumerate(detections)
+            for j, s in enumerate(np.asarray(scores).reshape(-1))
+            if np.asarray(classes).reshape(-1)[j] == c
+        ]
+        found.sort(key=lambda item: -item[0])
+        used = [np.zeros(len(g), bool) for g in gt]
+        hits = np.zeros(len(found))
+        for rank, (_, i, box) in enumerate(found):
+            if not len(gt[i]):
+                continue
+            overlaps = box_ops.iou(box[None], gt[i])[0]
+            best = int(overlaps.argmax())
+            if overlaps[best] >= iou_threshold and not used[i][best]:
+                used[i][best] = True
+                hits[rank] = 1
+        tp = np.cumsum(hits)
+        recall = tp / total
+        precision = tp / np.arange(1, len(found) + 1) if len(found) else np.zeros(0)
+        points = [precision[recall >= t].max() if (recall >= t).any() else 0.0
+                  for t in np.linspace(0, 1, 11)]  # fmt: skip
+        per_class[name] = float(np.mean(points))
+    if not per_class:
+        raise UserError("VOC AP: the images hold no ground-truth boxes")
+    return {"map": float(np.mean(list(per_class.values()))), "per_class": per_class}

@@ -1,0 +1,96 @@
+"""Detection (Fast R-CNN, Girshick 2015, arXiv 1504.08083) on scenes of the built-in shapes or
+of Fashion-MNIST items, with a project classifier's convolutional layers as the backbone.
+
+    python -m detection train --config=configs/detection.py:pooled_max --workdir=runs/det
+    python -m detection train --config=configs/detection.py:resnet20,fashion_mnist ...
+
+The argument names the backbone's model preset (`models.PRESETS`), then optionally the
+scenes: `builtin` (default: the built-in dataset's shapes, no files) or `fashion_mnist`
+(Fashion-MNIST items from the official idx files, `dataset.data_dir`). Every section of
+`configs/base.py` keeps its meaning (model, optimizer, schedule, training, distributed; the
+batch is `training.batch_size` images); `dataset.name` picks the scenes' objects and
+`dataset.data_dir` their files. The other dataset fields (sizes, crop augmentation,
+on_device) are the classification pipeline's and unused here. The `detection` section below
+holds everything detection adds, each field with its source.
+"""
+
+import ml_collections
+
+from configs import base, fashion_mnist
+
+SCENES = ("builtin", "fashion_mnist")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Returns the detection config for `arg` = 'PRESET[,SCENES]'."""
+    preset, _, scenes = (arg or "pooled_max").partition(",")
+    c = base.get_config(preset or "pooled_max")
+    scenes = scenes or "builtin"
+    if scenes not in SCENES:
+        from errors import UserError
+
+        raise UserError(f"detection scenes {scenes!r}: choose one of {', '.join(SCENES)}")
+    c.dataset.name = scenes
+    if scenes == "fashion_mnist":
+        c.dataset.source = "files"
+        c.dataset.data_dir = fashion_mnist.DEBIAN_DIR
+    c.dataset.augment_crop_padding = 0  # unused: detection flips only (detection.flip)
+
+    # Fast R-CNN trains on N images of R RoIs each: N = training.batch_size (paper: 2)
+    c.training.batch_size = 2
+    c.training.eval_batch_size = 8  # test images per forward pass
+    c.training.num_steps = 1_500
+    c.training.eval_every_steps = 500
+    c.training.checkpoint_every_steps = 250
+    c.training.log_every_steps = 50
+    c.schedule.warmup_steps = 50
+    c.optimizer.learning_rate = 1e-3
+
+    d = c.detection = ml_collections.ConfigDict()
+    # --- scenes (detection/scenes.py) -------------------------------------------------------
+    d.image_size = 96  # side of the square scenes, pixels
+    d.train_scenes = 1_000  # training scenes (training items only, for Fashion-MNIST)
+    d.test_scenes = 200  # test scenes (test items only, for Fashion-MNIST)
+    # scenes held out of the training stream (own seed, training items) for model selection;
+    # 0: the periodic evaluation uses the test scenes (dataset.eval_split must be 'test')
+    d.validation_scenes = 0
+    d.flip = True  # horizontal flip of training scenes with p = 0.5 (the paper's only one)
+
+    # --- proposals (detection/proposals.py: selective search) -------------------------------
+    d.proposal_mode = "fast"  # fast | quality (Uijlings et al. 2013, as OpenCV names them)
+    d.proposal_upscale = 2.0  # the scene is resized by this before the search (small images)
+    d.max_proposals = 500  # cap per image
+    # where each image's proposals are kept, one file per (image, settings); '' =
+    # ~/.cache/convnets/proposals ($XDG_CACHE_HOME honoured)
+    d.proposal_cache = ""
+    d.test_proposals = 300  # the first (highest-ranked) proposals scored per test image
+
+    # --- RoI sampling (Fast R-CNN section 2.3, "mini-batch sampling") ------------------------
+    d.rois_per_image = 64  # R / N (paper: 128 RoIs from N = 2 images, 64 each)
+    d.foreground_fraction = 0.25  # RoIs with IoU >= foreground_iou (paper: 25 %)
+    d.foreground_iou = 0.5
+    # background: max IoU in [background_iou_low, foreground_iou) (paper: [0.1, 0.5));
+    # when an image has too few, the lower bound drops to 0
+    d.background_iou_low = 0.1
+
+    # --- the network (Fast R-CNN section 2) ---------------------------------------------------
+    # The backbone is the preset's layers up to its last spatial layer that does not depend on
+    # the number of classes; a final max pooling there is replaced by the RoI pooling
+    # (section 2.3: VGG16's pool5 becomes the RoI pooling layer).
+    # the workdir of a classification run (train.py) of the same model preset whose best
+    # checkpoint initialises the backbone (the paper starts from ImageNet classifiers); '':
+    # the backbone starts from random weights
+    d.backbone_workdir = ""
+    d.roi_size = 7  # the RoI pooling grid H x W (paper: 7 x 7 for VGG16)
+    d.hidden_widths = (256, 256)  # the FC layers after the RoI pooling (paper: 4096, 4096)
+    d.hidden_dropout = 0.5  # dropout after each of them (paper: VGG16's 0.5)
+    # loss = cross-entropy + bbox_loss_weight x smooth L1 on the foreground RoIs (eq. 1, lambda
+    # = 1); targets divided by these standard deviations (tx, ty, tw, th), as the paper's code
+    d.bbox_loss_weight = 1.0
+    d.bbox_target_std = (0.1, 0.1, 0.2, 0.2)
+
+    # --- test time (section 3 / 4: per-class NMS) ---------------------------------------------
+    d.nms_iou = 0.3  # greedy per-class NMS threshold (R-CNN's 0.3)
+    d.score_threshold = 0.01  # class scores below this are not detections
+    d.max_detections = 100  # per image, after NMS (COCO's maximum)
+    return c

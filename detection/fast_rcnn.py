@@ -1,0 +1,162 @@
+"""Fast R-CNN (Girshick 2015, arXiv 1504.08083) on the project's classifiers.
+
+The network is written down as LayerSpecs like every model here (`detector_specs`): the
+backbone is a preset's own layers (its specs, its layer kinds, so a classifier trained by
+this project fits it), then the `roi_pool` layer kind, the hidden FC layers and two sibling
+outputs: `cls` (K + 1 scores, 0 = background) and `bbox` (4 K class-specific box deltas).
+
+    specs = detector_specs(config.model, (96, 96, 3), num_classes=10, detection=config.detection)
+    model = FastRCNN(specs, dtype="float32", rngs=nnx.Rngs(0))
+    scores, deltas = model(images, rois, roi_image, train=True, rngs=...)
+
+The image's feature map is computed once per image; every RoI is max-pooled from it
+(`models.roi.roi_max_pool`, spatial scale = 1 / the backbone's jump) and goes through the
+head. `loss` is the multi-task loss of section 2.3 (eq. 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+import models
+from errors import UserError
+from models import roi
+from models.builder import Builder
+from models.kinds import KINDS
+from models.shapes import LayerSpec
+
+ROI_POOL, CLS, BBOX = "roi_pool", "cls", "bbox"
+
+
+def backbone_specs(
+    model_cfg: ml_collections.ConfigDict, image_shape: Sequence[int]
+) -> list[LayerSpec]:
+    """Returns the preset's layers that map an image to its feature map: those before the
+    first layer that depends on the number of classes or leaves the spatial layout (flatten,
+    global pooling, dense), less a final max pooling (Fast R-CNN replaces it by RoI pooling).
+    UserError when nothing spatial is left."""
+    ten = models.architecture(model_cfg, tuple(image_shape), 10)
+    eleven = models.architecture(model_cfg, tuple(image_shape), 11)
+    cut = next(
+        i
+        for i, (a, b) in enumerate(zip(ten, eleven, strict=True))
+        if a != b or len(a.out_shape) != 3
+    )
+    specs = ten[:cut]
+    if specs and specs[-1].kind == "pool" and specs[-1].function == "max":
+        specs = specs[:-1]
+    if not specs:
+        raise UserError(
+            f"model.name={model_cfg.name!r}: no convolutional layers to use as a detection "
+            "backbone; choose a convolutional preset"
+        )
+    return specs
+
+
+def detector_specs(
+    model_cfg: ml_collections.ConfigDict,
+    image_shape: Sequence[int],
+    num_classes: int,
+    detection: ml_collections.ConfigDict,
+) -> list[LayerSpec]:
+    """Returns the detector's layers: the backbone, `roi_pool`, flatten, the hidden FC layers
+    (ReLU, dropout), then `cls` [K + 1] and `bbox` [4 K], both reading the last hidden layer.
+    The numbers of the layers after the RoI pooling are per region."""
+    backbone = backbone_specs(model_cfg, image_shape)
+    b = Builder(tuple(image_shape))
+    for spec in backbone:
+        b._add(spec)  # the preset's own specs, as they are
+    b.roi_pool(ROI_POOL, detection.roi_size)
+    b.flatten("roi_flatten")
+    for i, width in enumerate(detection.hidden_widths, start=6):  # the paper's fc6, fc7
+        b.dense(f"fc{i}", width, use_bias=True)
+        b.act(f"fc{i}_relu", "relu")
+        b.dropout(f"fc{i}_dropout", detection.hidden_dropout)
+    trunk = b.last
+    b.dense(CLS, num_classes + 1, use_bias=True)
+    b.dense(BBOX, 4 * num_classes, use_bias=True, source=trunk)
+    return b.specs
+
+
+class FastRCNN(nnx.Module):
+    """The detector of `specs` (from `detector_specs`).
+
+    `__call__(images, rois, roi_image, *, train=False, rngs=None)`: normalised images [B, H,
+    W, C], RoIs [R, 4] (x1, y1, x2, y2 image pixels) on images `roi_image` [R] -> (float32
+    class scores [R, K + 1], box deltas [R, K, 4]).
+    """
+
+    def __init__(self, specs: Sequence[LayerSpec], *, dtype: str = "float32", rngs: nnx.Rngs):
+        specs = tuple(specs)
+        at = [s.name for s in specs].index(ROI_POOL)
+        self.roi_spec = specs[at]
+        self.backbone = models.Network(specs[:at], dtype=dtype, rngs=rngs)
+        self.trunk = models.Network(specs[at + 1 : -2], dtype=dtype, rngs=rngs)
+        self.cls_spec, self.bbox_spec = specs[-2], specs[-1]
+        dense = KINDS["dense"]
+        self.cls = dense.module(self.cls_spec, jnp.dtype(dtype), rngs)
+        self.bbox = dense.module(self.bbox_spec, jnp.dtype(dtype), rngs)
+        # the paper's initialisation: N(0, 0.01) scores, N(0, 0.001) box deltas; the scores
+        # start at exactly 0 here, as every classifier of the project (Network)
+        dense.init_scores(self.cls)
+        self.bbox.kernel[...] = 0.001 * jax.random.normal(
+            rngs.params(), self.bbox.kernel[...].shape
+        )
+
+    def features(self, images: jax.Array, *, train: bool = False, rngs=None) -> jax.Array:
+        """The backbone's feature map [B, h, w, C] of normalised images [B, H, W, C]."""
+        return self.backbone(images, train=train, rngs=rngs)
+
+    def head(self, features, rois, roi_image, *, train: bool = False, rngs=None):
+        """(scores [R, K + 1], deltas [R, K, 4]) of the RoIs on a feature map."""
+        pooled = roi.roi_max_pool(
+            features,
+            rois,
+            roi_image,
+            self.roi_spec.out_shape[:2],
+            spatial_scale=1.0 / self.roi_spec.jump,
+        )
+        hidden = self.trunk(pooled, train=train, rngs=rngs)
+        scores = self.cls(hidden).astype(jnp.float32)
+        deltas = self.bbox(hidden).astype(jnp.float32)
+        return scores, deltas.reshape(deltas.shape[0], -1, 4)
+
+    def __call__(self, images, rois, roi_image, *, train: bool = False, rngs=None):
+        features = self.features(images, train=train, rngs=rngs)
+        return self.head(features, rois, roi_image, train=train, rngs=rngs)
+
+
+def smooth_l1(x: jax.Array) -> jax.Array:
+    """The robust loss of eq. 3: 0.5 x^2 where |x| < 1, |x| - 0.5 elsewhere."""
+    ax = jnp.abs(x)
+    return jnp.where(ax < 1, 0.5 * x * x, ax - 0.5)
+
+
+def loss(
+    scores: jax.Array,
+    deltas: jax.Array,
+    labels: jax.Array,
+    targets: jax.Array,
+    weight: jax.Array,
+    *,
+    bbox_loss_weight: float,
+) -> tuple[jax.Array, dict]:
+    """The multi-task loss (eq. 1): mean over the RoIs of the cross-entropy of the true class
+    `labels` [R] (0 = background) plus `bbox_loss_weight` times the smooth L1 of the true
+    class's deltas against `targets` [R, 4] (normalised), for foreground RoIs only. `weight`
+    [R] (0 or 1) leaves padding RoIs out. Returns (loss, {'cls', 'bbox', 'correct', 'count'})."""
+    count = jnp.maximum(jnp.sum(weight), 1.0)
+    cls = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(scores, labels) * weight)
+    true_class = jnp.maximum(labels - 1, 0)
+    chosen = jnp.take_along_axis(deltas, true_class[:, None, None], axis=1)[:, 0]
+    foreground = (labels > 0).astype(jnp.float32) * weight
+    box = jnp.sum(smooth_l1(chosen - targets).sum(-1) * foreground)
+    correct = jnp.sum((jnp.argmax(scores, -1) == labels) * weight)
+    total = (cls + bbox_loss_weight * box) / count
+    return total, {"cls": cls / count, "bbox": box / count, "correct": correct, "count": count}

@@ -1,0 +1,203 @@
+"""The regions a detector trains and is tested on: scenes with their proposals, labelled, and
+Fast R-CNN's mini-batches of RoIs.
+
+    data = load_scenes(config)                          # train / eval / test Scenes
+    pool = label_pool(scenes, proposals, fg_iou=0.5)    # per image: RoIs, labels, targets
+    batch = sample_batch(pool, scenes, step, ...)       # the RoIs of step `step`
+
+Training RoIs (Fast R-CNN section 2.3): an image's selective-search proposals plus its
+ground-truth boxes (as the paper's code), each labelled with the class of the ground-truth
+box it overlaps most if IoU >= `fg_iou`, else background; box-regression targets are
+`detection.boxes.encode` of the proposal to that box, divided by `target_std`. A step's N
+images are the next N of an epoch's permutation and its RoIs a draw of `rois_per_image` per
+image, `fg_fraction` foreground, both from (seed, step) alone: a resumed run sees the same
+batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+
+from detection import boxes as box_ops
+from detection import proposals as proposals_lib
+from detection import rcnn, scenes
+from errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Pool:
+    """The labelled RoIs of each training image: rois float32 [n_i, 4], labels int32 [n_i]
+    (0 = background, 1 + class), targets float32 [n_i, 4] (normalised; 0 for background),
+    max_iou float32 [n_i]."""
+
+    rois: list[np.ndarray]
+    labels: list[np.ndarray]
+    targets: list[np.ndarray]
+    max_iou: list[np.ndarray]
+
+
+def load_scenes(config: ml_collections.ConfigDict) -> dict[str, scenes.Scenes]:
+    """Returns {'train', 'test'} (and 'validation' when detection.validation_scenes > 0) of
+    the config's scenes (dataset.name: builtin | fashion_mnist)."""
+    d, name = config.detection, config.dataset.name
+    sizes = {"train": d.train_scenes, "test": d.test_scenes}
+    if d.validation_scenes:
+        sizes["validation"] = d.validation_scenes
+    # validation scenes: training items (as the training scenes), their own seed
+    seeds = {"train": scenes.TRAIN_SEED, "test": scenes.TEST_SEED, "validation": 2}
+    out = {}
+    if name == "builtin":
+        for split, n in sizes.items():
+            out[split] = scenes.builtin_scenes(n, seed=seeds[split], image_size=d.image_size)
+        return out
+    from data import catalog
+
+    names = catalog._INFOS["fashion_mnist"].class_names
+    items = {s: scenes.fashion_mnist_items(config.dataset.data_dir, s) for s in ("train", "test")}
+    for split, n in sizes.items():
+        pictures, labels = items["test" if split == "test" else "train"]
+        out[split] = scenes.scenes_from_items(
+            pictures, labels, n, seed=seeds[split], class_names=names, image_size=d.image_size
+        )
+    return out
+
+
+def proposal_settings(detection: ml_collections.ConfigDict) -> proposals_lib.Settings:
+    return proposals_lib.Settings(
+        mode=detection.proposal_mode,
+        upscale=detection.proposal_upscale,
+        max_proposals=detection.max_proposals,
+    )
+
+
+def proposal_cache(detection: ml_collections.ConfigDict) -> proposals_lib.ProposalCache:
+    """The config's proposal cache (detection.proposal_cache, default under ~/.cache)."""
+    folder = detection.proposal_cache
+    if not folder:
+        root = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+        folder = str(Path(root) / "convnets" / "proposals")
+    return proposals_lib.ProposalCache(os.path.expanduser(folder), proposal_settings(detection))
+
+
+def label_pool(
+    data: scenes.Scenes,
+    proposals: list[np.ndarray],
+    *,
+    fg_iou: float,
+    target_std: tuple[float, ...],
+) -> Pool:
+    """Labels every training image's proposals and ground-truth boxes (see the module's
+    docstring). Raises UserError naming the image for a bad ground-truth box or a regression
+    target that is not finite (an empty proposal)."""
+    size = data.images.shape[1:3]
+    std = np.asarray(target_std, np.float32)
+    rois, labels, targets, max_iou = [], [], [], []
+    for i, props in enumerate(proposals):
+        gt_boxes, gt_classes = data.objects(i)
+        box_ops.check_boxes(
+            gt_boxes, height=size[0], width=size[1], what=f"training scene {i}: ground truth"
+        )
+        candidates = np.concatenate([np.asarray(props, np.float32).reshape(-1, 4), gt_boxes])
+        label, matched, overlap = rcnn.label_proposals(
+            candidates, gt_boxes, gt_classes, positive_iou=fg_iou
+        )
+        target = np.zeros_like(candidates)
+        fg = label > 0
+        if fg.any():
+            target[fg] = box_ops.encode(candidates[fg], matched[fg]) / std
+        if not np.isfinite(target).all():
+            j = int(np.flatnonzero(~np.isfinite(target).all(axis=1))[0])
+            raise UserError(
+                f"training scene {i}: the box-regression target of RoI {candidates[j].tolist()}"
+                f" to {matched[j].tolist()} is not finite (an empty box)"
+            )
+        rois.append(candidates)
+        labels.append(label)
+        targets.append(target.astype(np.float32))
+        max_iou.append(overlap)
+    return Pool(rois, labels, targets, max_iou)
+
+
+def step_images(step: int, *, batch_size: int, num_images: int, seed: int) -> np.ndarray:
+    """The indices of the `batch_size` training images of step `step` (0-based): the next
+    ones of each epoch's permutation, which depends on (seed, epoch) only."""
+    g = step * batch_size + np.arange(batch_size)
+    epochs, positions = g // num_images, g % num_images
+    return np.array(
+        [
+            np.random.default_rng([seed, int(e)]).permutation(num_images)[p]
+            for e, p in zip(epochs, positions, strict=True)
+        ]
+    )
+
+
+def _draw(rng: np.random.Generator, pool: np.ndarray, n: int) -> np.ndarray:
+    if n <= 0 or not len(pool):
+        return np.zeros(0, np.int64)
+    return rng.choice(pool, n, replace=n > len(pool))
+
+
+def sample_batch(
+    pool: Pool,
+    data: scenes.Scenes,
+    step: int,
+    *,
+    batch_size: int,
+    rois_per_image: int,
+    fg_fraction: float,
+    fg_iou: float,
+    bg_iou_low: float,
+    flip: bool,
+    seed: int,
+) -> dict[str, np.ndarray]:
+    """Returns step `step`'s batch: image uint8 [N, S, S, C], rois float32 [N R, 4],
+    roi_image int32 [N R], labels int32 [N R], targets float32 [N R, 4], weight float32 [N R]
+    (all 1: every image gets R RoIs, drawn with replacement when it has fewer)."""
+    rng = np.random.default_rng([seed, step, 1])
+    indices = step_images(step, batch_size=batch_size, num_images=len(data), seed=seed)
+    width = data.images.shape[2]
+    images, rois, roi_image, labels, targets = [], [], [], [], []
+    for n, i in enumerate(indices):
+        label, overlap = pool.labels[i], pool.max_iou[i]
+        fg = np.flatnonzero(label > 0)
+        bg = np.flatnonzero((label == 0) & (overlap >= bg_iou_low) & (overlap < fg_iou))
+        if len(bg) < rois_per_image - min(len(fg), round(fg_fraction * rois_per_image)):
+            bg = np.flatnonzero(label == 0)  # too few near misses: any background
+        n_fg = min(len(fg), round(fg_fraction * rois_per_image)) if len(bg) else rois_per_image
+        chosen = np.concatenate([_draw(rng, fg, n_fg), _draw(rng, bg, rois_per_image - n_fg)])
+        image, box, target = data.images[i], pool.rois[i][chosen], pool.targets[i][chosen]
+        if flip and rng.random() < 0.5:
+            image = image[:, ::-1]
+            box = np.stack([width - box[:, 2], box[:, 1], width - box[:, 0], box[:, 3]], 1)
+            target = target * np.array([-1, 1, 1, 1], np.float32)  # tx changes sign
+        images.append(image)
+        rois.append(box)
+        roi_image.append(np.full(len(chosen), n, np.int32))
+        labels.append(pool.labels[i][chosen])
+        targets.append(target)
+    return {
+        "image": np.stack(images),
+        "rois": np.concatenate(rois).astype(np.float32),
+        "roi_image": np.concatenate(roi_image),
+        "labels": np.concatenate(labels).astype(np.int32),
+        "targets": np.concatenate(targets).astype(np.float32),
+        "weight": np.ones(len(indices) * rois_per_image, np.float32),
+    }
+
+
+def test_rois(proposals: list[np.ndarray], count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (rois float32 [I, count, 4], valid bool [I, count]): each test image's first
+    `count` proposals, padded with a dummy box marked invalid."""
+    rois = np.zeros((len(proposals), count, 4), np.float32)
+    rois[..., 2:] = 1.0
+    valid = np.zeros((len(proposals), count), bool)
+    for i, props in enumerate(proposals):
+        props = np.asarray(props, np.float32).reshape(-1, 4)[:count]
+        rois[i, : len(props)] = props
+        valid[i, : len(props)] = True
+    return rois, valid

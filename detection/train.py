@@ -1,0 +1,603 @@
+"""Fast R-CNN training and evaluation, with the training library's pieces and conventions.
+
+    results = train_and_evaluate(config, workdir)   # resumes from the workdir's checkpoint
+    result = evaluate(run, state, "test")           # AP, AP50, AP75, VOC07 mAP, images/s
+
+The sequence is the classification one (training.setup, training.loop): config checked
+first (`validate`), workdir prepared and locked (training.workdir), scenes and proposals,
+state created or restored (training.checkpoint: Orbax, the latest K and the best), steps
+compiled once ahead of time, then the loop: log (metrics.jsonl, TensorBoard), evaluate and
+checkpoint when `training.loop.itstime` says so, SIGTERM/Ctrl-C saved and reported as
+`training.loop.Preempted`, bookkeeping in `training.loop.LoopRecord` (so a resumed run ends
+with the same totals). What differs is the data (images + RoIs, sampled on the host from
+(seed, step)), the multi-task loss, and the evaluation (detections, per-class NMS, AP), so
+those are here. The best checkpoint is the best evaluation by AP50.
+
+State and batches are replicated over the mesh (one device computes; the step is not data
+parallel).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import data
+from configs import schema
+from detection import boxes as box_ops
+from detection import evaluate as evaluate_lib
+from detection import fast_rcnn, regions, scenes
+from detection import proposals as proposals_lib
+from errors import UserError
+from models import summary as model_summary
+from training import checkpoint as ckpt_lib
+from training import loop as loop_lib
+from training import metrics as metrics_lib
+from training import optim, runtime
+from training import workdir as workdir_lib
+from training.state import abstract_like
+
+EVAL_SPLITS = ("validation", "test")
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise UserError(f"config.detection.{field}: {message}")
+
+
+def validate(config: ml_collections.ConfigDict) -> list:
+    """Checks `config` (configs/detection.py): the sections shared with classification by
+    `configs.schema.validate`, the detection section here. Returns the detector's LayerSpecs;
+    raises UserError naming the first bad field."""
+    if "detection" not in config:
+        raise UserError("config has no 'detection' section: use configs/detection.py")
+    schema.validate(config)
+    d = config.detection
+    _require(
+        config.dataset.name in ("builtin", "fashion_mnist"),
+        "scenes",
+        f"dataset.name={config.dataset.name!r}: scenes exist for builtin, fashion_mnist",
+    )
+    _require(d.image_size >= 32, "image_size", "must be >= 32")
+    for field in ("train_scenes", "test_scenes", "max_proposals", "test_proposals"):
+        _require(d[field] >= 1, field, "must be >= 1")
+    for field in ("rois_per_image", "roi_size", "max_detections"):
+        _require(d[field] >= 1, field, "must be >= 1")
+    _require(d.validation_scenes >= 0, "validation_scenes", "must be >= 0")
+    _require(
+        config.dataset.eval_split == "test" or d.validation_scenes > 0,
+        "validation_scenes",
+        "dataset.eval_split='validation' needs detection.validation_scenes > 0",
+    )
+    _require(
+        d.proposal_mode in proposals_lib.MODES,
+        "proposal_mode",
+        f"{d.proposal_mode!r} is not one of {', '.join(proposals_lib.MODES)}",
+    )
+    _require(d.proposal_upscale > 0, "proposal_upscale", "must be > 0")
+    _require(0 <= d.foreground_fraction <= 1, "foreground_fraction", "must be in [0, 1]")
+    _require(0 < d.foreground_iou <= 1, "foreground_iou", "must be in (0, 1]")
+    _require(
+        0 <= d.background_iou_low < d.foreground_iou,
+        "background_iou_low",
+        "must be in [0, detection.foreground_iou)",
+    )
+    widths = tuple(d.hidden_widths)
+    _require(
+        all(isinstance(w, int) and w >= 1 for w in widths),
+        "hidden_widths",
+        f"{widths} must be integers >= 1",
+    )
+    _require(0 <= d.hidden_dropout < 1, "hidden_dropout", "must be in [0, 1)")
+    _require(d.bbox_loss_weight >= 0, "bbox_loss_weight", "must be >= 0")
+    std = tuple(d.bbox_target_std)
+    _require(
+        len(std) == 4 and all(s > 0 for s in std),
+        "bbox_target_std",
+        f"{std} must be 4 numbers > 0 (tx, ty, tw, th)",
+    )
+    _require(0 < d.nms_iou <= 1, "nms_iou", "must be in (0, 1]")
+    _require(0 <= d.score_threshold < 1, "score_threshold", "must be in [0, 1)")
+    channels = 3 if config.dataset.name == "builtin" else 1
+    return fast_rcnn.detector_specs(config.model, (d.image_size, d.image_size, channels), 10, d)
+
+
+@dataclasses.dataclass
+class Run:
+    """A detection run, ready: config, specs, scenes and their proposals, the labelled
+    training RoIs, the state and the compiled steps (`step`/`meta`: the restored checkpoint's,
+    0 and {} for a fresh state)."""
+
+    config: ml_collections.ConfigDict
+    specs: list
+    scenes: dict[str, scenes.Scenes]
+    proposals: dict[str, list[np.ndarray]]
+    pool: regions.Pool | None
+    mean: np.ndarray
+    std: np.ndarray
+    mesh: Any
+    graphdef: Any
+    state: Any
+    step: int
+    meta: dict
+    train_step: Any
+    predict_step: Any
+    compile_seconds: float
+    proposal_seconds: float
+    workdir: Path | None = None
+    checkpoints: ckpt_lib.Checkpoints | None = None
+    lock: Any = None
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.scenes["test"].class_names
+
+    def batch(self, step: int) -> dict:
+        """The training batch of step `step` (0-based), on the devices."""
+        c, d = self.config, self.config.detection
+        batch = regions.sample_batch(
+            self.pool,
+            self.scenes["train"],
+            step,
+            batch_size=c.training.batch_size,
+            rois_per_image=d.rois_per_image,
+            fg_fraction=d.foreground_fraction,
+            fg_iou=d.foreground_iou,
+            bg_iou_low=d.background_iou_low,
+            flip=d.flip,
+            seed=c.seed,
+        )
+        return jax.device_put(batch, NamedSharding(self.mesh, P()))
+
+
+def _init_program(config, specs, mesh):
+    tx = optim.make_optimizer(config)
+    structure = {}
+
+    def init():
+        model = fast_rcnn.FastRCNN(specs, dtype=config.model.dtype, rngs=nnx.Rngs(config.seed))
+        graphdef, params, batch_stats, other = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+        structure["graphdef"] = graphdef
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "params": params,
+            "batch_stats": batch_stats,
+            "other": other,
+            "opt_state": tx.init(params),
+            "rng": jax.random.key_data(jax.random.key(config.seed)),
+        }
+
+    return jax.jit(init, out_shardings=NamedSharding(mesh, P())), structure
+
+
+def train_step(state, batch, *, graphdef, tx, config, mean, std):
+    """One step of the multi-task loss on a batch of images and their RoIs; returns
+    (new_state, metrics: loss, cls, bbox, correct, count, nonfinite)."""
+    d, t = config.detection, config.training
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    x = data.normalize(batch["image"], mean, std, jnp.dtype(config.model.dtype))
+
+    def loss_fn(params):
+        model = nnx.merge(graphdef, params, state["batch_stats"], state["other"], copy=True)
+        scores, deltas = model(
+            x, batch["rois"], batch["roi_image"], train=True, rngs=nnx.Rngs(dropout=key)
+        )
+        total, parts = fast_rcnn.loss(
+            scores,
+            deltas,
+            batch["labels"],
+            batch["targets"],
+            batch["weight"],
+            bbox_loss_weight=d.bbox_loss_weight,
+        )
+        return total, (parts, nnx.state(model, nnx.BatchStat))
+
+    (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new = dict(
+        state, step=state["step"] + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+    )
+    finite = jnp.isfinite(loss) & jnp.all(
+        jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+    )
+    if t.on_nonfinite_loss == "skip":
+        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, dict(state, step=new["step"]))
+    return new, {"loss": loss, **parts, "nonfinite": ~finite}
+
+
+def predict_step(state, images, rois, *, graphdef, config, mean, std):
+    """Returns (class probabilities [B, P, K + 1], boxes [B, P, K, 4]: each RoI regressed
+    for each class, clipped to the image) for uint8 images [B, S, S, C] and their RoIs
+    [B, P, 4], in eval mode; the feature map is computed once per image."""
+    d = config.detection
+    b, p = rois.shape[:2]
+    x = data.normalize(images, mean, std, jnp.dtype(config.model.dtype))
+    model = nnx.merge(graphdef, state["params"], state["batch_stats"], state["other"])
+    flat = rois.reshape(-1, 4)
+    scores, deltas = model(x, flat, jnp.repeat(jnp.arange(b), p), train=False)
+    deltas = deltas * jnp.asarray(d.bbox_target_std, jnp.float32)
+    boxes = box_ops.decode(flat[:, None, :], deltas)
+    boxes = box_ops.clip(boxes, d.image_size, d.image_size)
+    k = deltas.shape[1]
+    return jax.nn.softmax(scores).reshape(b, p, k + 1), boxes.reshape(b, p, k, 4)
+
+
+def with_pretrained_backbone(state, workdir: str, config, specs, mesh):
+    """Returns `state` with the backbone's parameters (and BatchNorm statistics) taken from
+    the best checkpoint of the classification run in `workdir` (train.py's), whose model
+    section must be this config's. The detection heads keep their initialisation."""
+    from evaluation import run as run_lib
+    from training import state as state_lib
+
+    path = Path(workdir).expanduser()
+    classifier = run_lib.read_config(path)
+    if classifier.model.to_dict() != config.model.to_dict():
+        differences = workdir_lib.config_differences(
+            classifier.model.to_dict(), config.model.to_dict(), "model."
+        )
+        raise UserError(
+            f"config.detection.backbone_workdir={workdir}: its classifier is another model "
+            f"({'; '.join(differences)})"
+        )
+    info = data.dataset_info(classifier.dataset)
+    _, abstract = state_lib.abstract_train_state(classifier, info, mesh)
+    keep = classifier.training.keep_checkpoints
+    saved = ckpt_lib.Checkpoints(path, keep=keep, read_only=True).restore(abstract, "best")[1]
+    names = [s.name for s in specs[: [s.name for s in specs].index(fast_rcnn.ROI_POOL)]]
+    out = dict(state)
+    for part in ("params", "batch_stats"):
+        mine, theirs = nnx.to_pure_dict(state[part]), nnx.to_pure_dict(saved[part])
+        for name in names:
+            if name in theirs.get("layers", {}):
+                mine["backbone"]["layers"][name] = theirs["layers"][name]
+        copied = jax.tree.map(lambda x: x, state[part])
+        copied.replace_by_pure_dict(mine)
+        out[part] = jax.device_put(copied, NamedSharding(mesh, P()))
+    logging.info("backbone layers %s from the classifier in %s", ", ".join(names), path)
+    return out
+
+
+def _compile(config, specs, graphdef, state, mesh, mean, std, which):
+    replicated = NamedSharding(mesh, P())
+    d, t = config.detection, config.training
+    channels = specs[0].in_shape[2]
+    image = (d.image_size, d.image_size, channels)
+    n, r = t.batch_size, t.batch_size * d.rois_per_image
+
+    def spec(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
+
+    args = dict(graphdef=graphdef, config=config, mean=mean, std=std)
+    programs = {}
+    if "train" in which:
+        step = functools.partial(train_step, tx=optim.make_optimizer(config), **args)
+        batch = {
+            "image": spec((n, *image), jnp.uint8),
+            "rois": spec((r, 4), jnp.float32),
+            "roi_image": spec((r,), jnp.int32),
+            "labels": spec((r,), jnp.int32),
+            "targets": spec((r, 4), jnp.float32),
+            "weight": spec((r,), jnp.float32),
+        }
+        programs["train"] = jax.jit(step, donate_argnums=0).lower(abstract_like(state), batch)
+    if "predict" in which:
+        e = t.eval_batch_size
+        programs["predict"] = jax.jit(functools.partial(predict_step, **args)).lower(
+            abstract_like(state),
+            spec((e, *image), jnp.uint8),
+            spec((e, d.test_proposals, 4), jnp.float32),
+        )
+    start = time.perf_counter()
+    compiled = {name: lowered.compile() for name, lowered in programs.items()}
+    return compiled.get("train"), compiled.get("predict"), time.perf_counter() - start
+
+
+def setup(
+    config: ml_collections.ConfigDict,
+    *,
+    workdir: str | Path | None = None,
+    restore=None,
+    train: bool = True,
+) -> Run:
+    """Checks `config`, then prepares the workdir (when given: created or checked against its
+    config.json, locked, its run files written), the scenes and their proposals (computed
+    once, cached), the labelled training RoIs, the state (restored from the workdir's latest
+    checkpoint, or by `restore(abstract_state) -> (step, state, meta)`, or fresh) and the
+    compiled steps (the train step only with `train`)."""
+    specs = validate(config)
+    runtime.warn_about_hardware(config.model.dtype)
+    lock = None
+    if workdir is not None:
+        workdir, lock = workdir_lib.prepare(config, workdir, lock=jax.process_index() == 0)
+    try:
+        run = _build(config, specs, workdir, restore, train)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    run.lock = lock
+    return run
+
+
+def _build(config, specs, workdir, restore, train) -> Run:
+    d = config.detection
+    mesh = runtime.make_mesh()
+    data_splits = regions.load_scenes(config)
+    cache = regions.proposal_cache(d)
+    start = time.perf_counter()
+    needed = [s for s in data_splits if train or s != "train"]
+    found = {s: cache.get_all(data_splits[s].images) for s in needed}
+    proposal_seconds = time.perf_counter() - start
+    logging.info(
+        "proposals of %d images in %.1f s (%s)",
+        sum(map(len, found.values())),
+        proposal_seconds,
+        cache.stats,
+    )
+    pool = None
+    if train:
+        pool = regions.label_pool(
+            data_splits["train"],
+            found["train"],
+            fg_iou=d.foreground_iou,
+            target_std=tuple(d.bbox_target_std),
+        )
+    pixels = data_splits["train"].images.reshape(-1, data_splits["train"].images.shape[-1])
+    mean = (pixels.mean(axis=0) / 255.0).astype(np.float32)
+    std = (pixels.std(axis=0) / 255.0 + 1e-3).astype(np.float32)
+    checkpoints = None
+    if workdir is not None:
+        if jax.process_index() == 0:
+            workdir_lib.write_run_files(workdir, config, specs)
+        checkpoints = ckpt_lib.Checkpoints(workdir, keep=config.training.keep_checkpoints)
+        if checkpoints.latest_step() is not None:
+            restore = checkpoints.restore
+    init, structure = _init_program(config, specs, mesh)
+    step, meta, state = 0, {}, None
+    if restore is not None:
+        abstract = jax.eval_shape(init)
+        try:
+            step, state, meta = restore(abstract)
+        except ckpt_lib.NoReadableCheckpoint as e:
+            logging.warning("%s; starting from step 0", e)
+    if state is None:
+        state = init()
+        if d.backbone_workdir:
+            state = with_pretrained_backbone(state, d.backbone_workdir, config, specs, mesh)
+    graphdef = structure["graphdef"]
+    which = ("train", "predict") if train else ("predict",)
+    train_fn, predict_fn, seconds = _compile(config, specs, graphdef, state, mesh, mean, std, which)
+    return Run(
+        config,
+        specs,
+        data_splits,
+        found,
+        pool,
+        mean,
+        std,
+        mesh,
+        graphdef,
+        state,
+        step,
+        meta,
+        train_fn,
+        predict_fn,
+        seconds,
+        proposal_seconds,
+        workdir,
+        checkpoints,
+    )
+
+
+# --- evaluation -------------------------------------------------------------------------------
+
+
+def detections_of(probs: np.ndarray, boxes: np.ndarray, valid: np.ndarray, d) -> tuple:
+    """One image's detections (boxes [n, 4], scores [n], classes [n]) from its RoIs' class
+    probabilities [P, K + 1] and boxes [P, K, 4]: the (RoI, class) pairs scoring at least
+    `d.score_threshold`, greedy NMS per class at `d.nms_iou`, the best `d.max_detections`."""
+    scores = probs[:, 1:] * valid[:, None]
+    roi_index, classes = np.nonzero(scores >= max(d.score_threshold, 1e-12))
+    found = scores[roi_index, classes]
+    top = np.argsort(-found, kind="stable")[: 20 * d.max_detections]
+    roi_index, classes, found = roi_index[top], classes[top], found[top]
+    candidates = boxes[roi_index, classes]
+    kept = box_ops.nms(candidates, found, classes, threshold=d.nms_iou)[: d.max_detections]
+    return candidates[kept], found[kept], classes[kept]
+
+
+def evaluate(run: Run, state, split: str) -> dict:
+    """Returns the detection measures of `state` on the scenes of `split`: COCO AP@[.5:.95],
+    AP50, AP75, per-class AP (pycocotools), the VOC 2007 11-point mAP at IoU 0.5, and the test
+    images/s (network and NMS; the proposals are computed beforehand, as the paper's timing).
+    """
+    d, e = run.config.detection, run.config.training.eval_batch_size
+    data_split = run.scenes[split]
+    rois, valid = regions.test_rois(run.proposals[split], d.test_proposals)
+    detections = []
+    start = time.perf_counter()
+    for first in range(0, len(data_split), e):
+        images = data_split.images[first : first + e]
+        real = len(images)
+        pad = e - real
+        if pad:
+            images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+        batch_rois = np.concatenate([rois[first : first + e], np.zeros((pad, *rois.shape[1:]))])
+        probs, boxes = jax.device_get(
+            run.predict_step(state, images, batch_rois.astype(np.float32))
+        )
+        for i in range(real):
+            detections.append(detections_of(probs[i], boxes[i], valid[first + i], d))
+    seconds = time.perf_counter() - start
+    truth = [data_split.objects(i) for i in range(len(data_split))]
+    size = data_split.images.shape[1:3]
+    coco = evaluate_lib.coco_ap(
+        truth, detections, run.class_names, image_size=size, max_detections=d.max_detections
+    )
+    voc = evaluate_lib.voc_ap(truth, detections, run.class_names)
+    return {
+        "ap": coco["ap"],
+        "ap50": coco["ap50"],
+        "ap75": coco["ap75"],
+        "voc07_map": voc["map"],
+        "per_class_ap": coco["per_class"],
+        "per_class_voc07_ap": voc["per_class"],
+        "images": len(data_split),
+        "detections": coco["detections"],
+        "images_per_s": len(data_split) / max(seconds, 1e-9),
+    }
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Trains and evaluates the configured detector; returns the results also written to
+    results.json. Resumes from the latest checkpoint in `workdir`; the workdir is locked."""
+    run = setup(config, workdir=workdir)
+    try:
+        return _train(run)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+def _flush(run: Run, pending: list, record: loop_lib.LoopRecord, tick, step, last_saved):
+    """The train record of the steps in `pending` (one host sync); stops or counts a
+    non-finite loss as `training.on_nonfinite_loss` says."""
+    t = run.config.training
+    values = jax.device_get([m for _, m in pending])
+    for (s, _), v in zip(pending, values, strict=True):
+        if v["nonfinite"]:
+            if t.on_nonfinite_loss == "stop":
+                raise loop_lib.Diverged(
+                    f"the loss became {v['loss']} at step {s}; training stopped (last "
+                    f"checkpoint: step {last_saved}): lower optimizer.learning_rate, or set "
+                    "training.on_nonfinite_loss=skip."
+                )
+            record.skipped_updates += 1
+    now = time.perf_counter()
+    record.train_seconds += now - tick[0]
+    rate = (step - tick[1]) * t.batch_size / max(now - tick[0], 1e-9)
+    record.rates.append(rate)
+    good = [v for v in values if not v["nonfinite"]] or values
+    return {
+        "step": step,
+        "split": "train",
+        "loss": float(np.mean([v["loss"] for v in good])),
+        "cls_loss": float(np.mean([v["cls"] for v in good])),
+        "bbox_loss": float(np.mean([v["bbox"] for v in good])),
+        "roi_accuracy": float(sum(v["correct"] for v in good) / sum(v["count"] for v in good)),
+        "learning_rate": float(optim.make_schedule(run.config)(step - 1)),
+        "images_per_s": rate,
+        "wall_time": time.time(),
+        "skipped_updates": record.skipped_updates,
+    }
+
+
+def _train(run: Run) -> dict:
+    config, t = run.config, run.config.training
+    split = config.dataset.eval_split
+    chief = jax.process_index() == 0
+    writer = metrics_lib.MetricsWriter(run.workdir, enabled=chief)
+    writer.truncate_after(run.step)
+    progress = metrics_lib.Progress(t.num_steps, run.step, mode=t.progress, enabled=chief)
+    record = loop_lib.LoopRecord.from_meta(run.meta)
+    if not run.meta:
+        record.best = {"ap50": -1.0, "step": None}
+    preemption = loop_lib.Preemption()
+    state, step, last_saved, final_eval, pending = run.state, run.step, run.step, None, []
+    tick = [time.perf_counter(), step]
+    try:
+        while step < t.num_steps:
+            state, metrics = run.train_step(state, run.batch(step))
+            step += 1
+            pending.append((step, metrics))
+            due = loop_lib.itstime(step, t.checkpoint_every_steps, t.num_steps)
+            stopping = preemption.requested
+            if loop_lib.itstime(step, t.log_every_steps, t.num_steps) or due or stopping:
+                train_record = _flush(run, pending, record, tick, step, last_saved)
+                pending = []
+                tick[:] = [time.perf_counter(), step]
+                writer.write(train_record)
+                progress.update(step, loss=train_record["loss"])
+            is_best = False
+            if loop_lib.itstime(step, t.eval_every_steps, t.num_steps):
+                final_eval = evaluate(run, state, split)
+                writer.write(
+                    {"step": step, "split": split, **_scalars(final_eval), "wall_time": time.time()}
+                )
+                is_best = final_eval["ap50"] > record.best["ap50"]
+                if is_best:
+                    record.best = {"ap50": final_eval["ap50"], "step": step}
+                tick[:] = [time.perf_counter(), step]  # evaluation time is not training time
+            if due or stopping or is_best:
+                run.checkpoints.save(step, state, record.to_meta(), best=is_best)
+                last_saved = step
+            if stopping and step < t.num_steps:
+                raise loop_lib.Preempted(step, stopping)
+    except BaseException:
+        loop_lib._close_after_error(run, writer, progress)
+        raise
+    finally:
+        preemption.restore()
+    progress.close()
+    return _finish(run, state, step, record, final_eval, writer)
+
+
+def _scalars(result: dict) -> dict:
+    return {k: v for k, v in result.items() if isinstance(v, int | float)}
+
+
+def _finish(run: Run, state, step, record, final_eval, writer) -> dict:
+    config = run.config
+    run.checkpoints.wait()
+    split = config.dataset.eval_split
+    if final_eval is None:  # killed after the last checkpoint, before results.json
+        final_eval = evaluate(run, state, split)
+    final_test = final_eval if split == "test" else evaluate(run, state, "test")
+    best_state = run.checkpoints.restore(abstract_like(state), "best")[1]
+    best_test = evaluate(run, best_state, "test")
+    run.checkpoints.close()
+    summary = model_summary.to_json(run.specs)
+    results = {
+        "method": "fast_rcnn",
+        "model": config.model.name,
+        "scenes": config.dataset.name,
+        "seed": config.seed,
+        "steps": step,
+        "final": {"test": final_test},
+        "best": {
+            "step": record.best["step"],
+            split: {"ap50": record.best["ap50"]},
+            "test": best_test,
+        },
+        **{k: final_test[k] for k in ("ap", "ap50", "ap75", "voc07_map")},
+        "test_images_per_s": final_test["images_per_s"],
+        "train_images_per_s": statistics.median(record.rates) if record.rates else None,
+        "params": summary["total_params"],
+        "train_seconds": record.train_seconds,
+        "compile_seconds": run.compile_seconds,
+        "skipped_updates": record.skipped_updates,
+    }
+    writer.write({"step": step, "split": "test", **_scalars(final_test), "wall_time": time.time()})
+    writer.close()
+    if jax.process_index() == 0:
+        (run.workdir / "results.json").write_text(json.dumps(results, indent=2))
+    return results

@@ -1,0 +1,181 @@
+"""Fast R-CNN: the detector's layers, its loss, the RoI batches, the VOC AP, the config
+checks, and a short end-to-end run on built-in scenes against a random-box baseline."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import configs
+import models
+from detection import evaluate, fast_rcnn, regions, scenes
+from detection import train as det_train
+from errors import UserError
+
+
+def _config(**overrides):
+    c = configs.load("configs/detection.py:pooled_max")
+    configs.override(c, overrides)
+    return c
+
+
+def test_backbone_is_the_presets_conv_layers_without_the_last_max_pool():
+    specs = models.architecture(models.preset("pooled_max"), (96, 96, 3), 10)
+    names = [s.name for s in fast_rcnn.backbone_specs(models.preset("pooled_max"), (96, 96, 3))]
+    assert names == [s.name for s in specs[: names.index("relu3") + 1]]
+    assert "pool3" not in names and names[-1] == "relu3"
+    # All-CNN-C's last conv computes class maps: it is left out with what follows it
+    allconv = fast_rcnn.backbone_specs(models.preset("allcnn_c"), (96, 96, 3))
+    assert "conv9" not in [s.name for s in allconv] and allconv[-1].out_shape[2] == 192
+    resnet = fast_rcnn.backbone_specs(models.preset("resnet20"), (96, 96, 3))
+    assert resnet[-1].out_shape == (24, 24, 64)
+
+
+def test_detector_specs_and_module_agree():
+    c = _config()
+    specs = fast_rcnn.detector_specs(c.model, (96, 96, 3), 10, c.detection)
+    by_name = {s.name: s for s in specs}
+    assert by_name["roi_pool"].out_shape == (7, 7, 128) and by_name["roi_pool"].jump == 4
+    assert by_name["cls"].out_shape == (11,) and by_name["bbox"].out_shape == (40,)
+    model = fast_rcnn.FastRCNN(specs, rngs=nnx.Rngs(0))
+    images = jnp.zeros((2, 96, 96, 3))
+    rois = jnp.array([[0, 0, 40, 40], [10, 20, 60, 90], [5, 5, 30, 12]], jnp.float32)
+    scores, deltas = model(images, rois, jnp.array([0, 1, 1]))
+    assert scores.shape == (3, 11) and deltas.shape == (3, 10, 4)
+    np.testing.assert_array_equal(np.asarray(scores), 0)  # the scores start at zero
+    params = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
+    assert params == sum(s.params for s in specs)
+
+
+def test_loss_is_cross_entropy_plus_smooth_l1_on_foreground():
+    scores = jnp.array([[2.0, 0.0, 0.0], [0.0, 1.0, 3.0]])
+    deltas = jnp.zeros((2, 2, 4)).at[1, 1].set(jnp.array([0.5, -2.0, 0.0, 0.0]))
+    labels = jnp.array([0, 2])  # background, then class 1 (label 2)
+    targets = jnp.zeros((2, 4))
+    total, parts = fast_rcnn.loss(
+        scores, deltas, labels, targets, jnp.ones(2), bbox_loss_weight=1.0
+    )
+    ce = [
+        np.log(np.exp(s).sum()) - s[label]
+        for s, label in zip(np.asarray(scores), [0, 2], strict=True)
+    ]
+    box = 0.5 * 0.5**2 + (2.0 - 0.5)  # smooth L1 of 0.5 and of -2
+    np.testing.assert_allclose(float(parts["cls"]), np.mean(ce), rtol=1e-6)
+    np.testing.assert_allclose(float(parts["bbox"]), box / 2, rtol=1e-6)
+    np.testing.assert_allclose(float(total), np.mean(ce) + box / 2, rtol=1e-6)
+    assert int(parts["correct"]) == 2
+
+
+def test_voc_ap_on_a_case_computed_by_hand():
+    truth = [(np.array([[0, 0, 10, 10], [20, 20, 30, 30]]), np.array([0, 0]))]
+    # ranked: hit, miss, hit -> precision 1, 1/2, 2/3 at recall 1/2, 1/2, 1
+    found = np.array([[0, 0, 10, 10], [50, 50, 60, 60], [20, 20, 30, 31]])
+    detections = [(found, np.array([0.9, 0.8, 0.7]), np.array([0, 0, 0]))]
+    result = evaluate.voc_ap(truth, detections, ("a", "b"))
+    want = (6 * 1.0 + 5 * (2 / 3)) / 11  # t = 0..0.5: max precision 1; t = 0.6..1: 2/3
+    assert result["per_class"] == {"a": pytest.approx(want)}
+    assert result["map"] == pytest.approx(want)
+    perfect = [(truth[0][0], np.ones(2), truth[0][1])]
+    assert evaluate.voc_ap(truth, perfect, ("a",))["map"] == pytest.approx(1.0)
+    with pytest.raises(UserError, match="no ground-truth"):
+        evaluate.voc_ap([(np.zeros((0, 4)), np.zeros(0))], [perfect[0]], ("a",))
+
+
+def test_roi_batches_are_deterministic_with_the_sampled_fractions():
+    data = scenes.builtin_scenes(6, seed=0, image_size=64)
+    rng = np.random.default_rng(0)
+    proposals = [
+        np.concatenate([xy := rng.uniform(0, 40, (30, 2)), xy + rng.uniform(6, 24, (30, 2))], 1)
+        for _ in range(6)
+    ]
+    pool = regions.label_pool(data, proposals, fg_iou=0.5, target_std=(0.1, 0.1, 0.2, 0.2))
+    args = dict(batch_size=2, rois_per_image=16, fg_fraction=0.25, fg_iou=0.5, bg_iou_low=0.1,
+                flip=True, seed=3)  # fmt: skip
+    a, b = regions.sample_batch(pool, data, 5, **args), regions.sample_batch(pool, data, 5, **args)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    assert a["rois"].shape == (32, 4) and a["roi_image"].tolist() == [0] * 16 + [1] * 16
+    for n, i in enumerate(regions.step_images(5, batch_size=2, num_images=6, seed=3)):
+        # 25 % of 16 foreground, or all the image has (its ground-truth boxes at least)
+        want = min(4, int((pool.labels[i] > 0).sum()))
+        assert (a["labels"][a["roi_image"] == n] > 0).sum() == want
+    assert not np.array_equal(a["rois"], regions.sample_batch(pool, data, 6, **args)["rois"])
+    # the targets of foreground RoIs decode back to their ground-truth boxes
+    i = regions.step_images(5, batch_size=2, num_images=6, seed=3)[0]
+    fg = np.flatnonzero(pool.labels[i] > 0)
+    decoded = fast_rcnn_decode(pool.rois[i][fg], pool.targets[i][fg])
+    gt = data.objects(i)[0]
+    assert np.isclose(decoded[:, None], gt[None]).all(-1).any(-1).all()
+    # an epoch visits every image once
+    seen = np.concatenate([regions.step_images(s, batch_size=2, num_images=6, seed=3)
+                           for s in range(3)])  # fmt: skip
+    assert sorted(seen) == list(range(6))
+
+
+def fast_rcnn_decode(rois, targets):
+    from detection import boxes
+
+    return boxes.decode(rois, targets * np.array([0.1, 0.1, 0.2, 0.2], np.float32))
+
+
+def test_config_mistakes_are_one_line_errors():
+    for field, value, message in [
+        ("detection.rois_per_image", 0, "rois_per_image: must be >= 1"),
+        ("detection.background_iou_low", 0.6, "background_iou_low"),
+        ("detection.bbox_target_std", (0.1, 0.1, 0.2), "bbox_target_std"),
+        ("detection.proposal_mode", "slow", "proposal_mode"),
+        ("optimizer.learning_rate", -1.0, "optimizer.learning_rate"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            det_train.validate(_config(**{field: value}))
+    with pytest.raises(UserError, match="no convolutional layers"):
+        det_train.validate(configs.load("configs/detection.py:mlp"))
+    with pytest.raises(UserError, match="scenes 'voc'"):
+        configs.load("configs/detection.py:pooled_max,voc")
+
+
+def _random_boxes(data, rng):
+    """A baseline detector: 20 random boxes per image, random classes and scores."""
+    size = data.images.shape[1]
+    out = []
+    for _ in range(len(data)):
+        corner = rng.uniform(0, size - 12, (20, 2))
+        box = np.concatenate([corner, np.minimum(corner + rng.uniform(12, 36, (20, 2)), size)], 1)
+        out.append((box, rng.random(20), rng.integers(0, 10, 20)))
+    return out
+
+
+@pytest.mark.slow
+def test_fast_rcnn_trains_far_above_random_boxes_and_resumes(tmp_path):
+    config = _config(
+        **{
+            "detection.train_scenes": 100,
+            "detection.test_scenes": 30,
+            "detection.proposal_upscale": 1.0,
+            "detection.proposal_cache": str(tmp_path / "proposals"),
+            "detection.hidden_dropout": 0.0,
+            "training.num_steps": 250,
+            "training.eval_every_steps": 125,
+            "training.checkpoint_every_steps": 125,
+            "training.log_every_steps": 25,
+            "training.progress": "none",
+            "schedule.warmup_steps": 10,
+        }
+    )
+    workdir = tmp_path / "run"
+    results = det_train.train_and_evaluate(config, workdir)
+    test = scenes.builtin_scenes(30, seed=scenes.TEST_SEED, image_size=96)
+    truth = [test.objects(i) for i in range(len(test))]
+    baseline = evaluate.coco_ap(truth, _random_boxes(test, np.random.default_rng(0)),
+                                test.class_names, image_size=(96, 96))  # fmt: skip
+    assert results["ap50"] > max(0.1, 10 * baseline["ap50"]), (results, baseline["ap50"])
+    assert results["voc07_map"] > 0.1
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "test"] == [125, 250]
+    assert (workdir / "results.json").is_file()
+    # rerunning a finished run resumes at its last checkpoint and ends with the same numbers
+    again = det_train.train_and_evaluate(config, workdir)
+    assert again["ap50"] == results["ap50"] and again["steps"] == 250
