@@ -96,5 +96,13 @@ def main(argv):
     print(json.dumps(summary))
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """configs.schema.parse_flags (config mistakes in one line) when a config is given; eval
+    reads the run's config.json and takes none."""
+    if any(a.startswith("--config") for a in argv):
+        return schema.parse_flags(argv)
+    return flags.FLAGS(argv)
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=schema.parse_flags)
+    app.run(main, flags_parser=parse_flags)
