@@ -267,7 +267,7 @@ def with_pretrained_backbone(state, workdir: str, config, specs, mesh):
             if name in theirs.get("layers", {}):
                 mine["backbone"]["layers"][name] = theirs["layers"][name]
         copied = jax.tree.map(lambda x: x, state[part])
-        copied.replace_by_pure_dict(mine)
+        nnx.replace_by_pure_dict(copied, mine)
         out[part] = jax.device_put(copied, NamedSharding(mesh, P()))
     logging.info("backbone layers %s from the classifier in %s", ", ".join(names), path)
     return out

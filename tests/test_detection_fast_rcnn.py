@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 import configs
+import data
 import models
 from detection import evaluate, fast_rcnn, regions, scenes
 from detection import train as det_train
@@ -179,3 +180,30 @@ def test_fast_rcnn_trains_far_above_random_boxes_and_resumes(tmp_path):
     # rerunning a finished run resumes at its last checkpoint and ends with the same numbers
     again = det_train.train_and_evaluate(config, workdir)
     assert again["ap50"] == results["ap50"] and again["steps"] == 250
+
+
+def test_backbone_starts_from_a_classification_run(workdir):
+    """`workdir`: conftest's tiny pooled_max classifier (train.py's workdir)."""
+    from training import checkpoint, runtime, state
+
+    c = _config(**{"detection.backbone_workdir": str(workdir)})
+    specs = det_train.validate(c)
+    mesh = runtime.make_mesh()
+    init, _ = det_train._init_program(c, specs, mesh)
+    fresh = init()
+    loaded = det_train.with_pretrained_backbone(fresh, str(workdir), c, specs, mesh)
+    classifier = configs.from_json((workdir / "config.json").read_text())
+    info = data.dataset_info(classifier.dataset)
+    _, abstract = state.abstract_train_state(classifier, info, mesh)
+    best = checkpoint.Checkpoints(workdir, keep=2, read_only=True).restore(abstract, "best")[1]
+    mine, theirs = nnx.to_pure_dict(loaded["params"]), nnx.to_pure_dict(best["params"])
+    for name in ("conv1", "conv2", "conv3"):
+        for leaf in ("kernel", "bias"):
+            np.testing.assert_array_equal(
+                mine["backbone"]["layers"][name][leaf], theirs["layers"][name][leaf]
+            )
+    untouched = nnx.to_pure_dict(fresh["params"])["cls"]["kernel"]
+    np.testing.assert_array_equal(mine["cls"]["kernel"], untouched)
+    other = _config(**{"model.widths": (16, 32, 64)})
+    with pytest.raises(UserError, match="another model.*widths"):
+        det_train.with_pretrained_backbone(fresh, str(workdir), other, specs, mesh)
