@@ -150,6 +150,8 @@ def parse_flags(argv: list[str]) -> list[str]:
         rest = flags.FLAGS(argv)
         if "config" in flags.FLAGS:
             config = flags.FLAGS.config
+            if config is None:  # not given: the program says what it needs
+                return rest
             if not isinstance(config, ml_collections.ConfigDict):
                 config.a  # noqa: B018 -- an unloadable file raises with its reason here
         return rest

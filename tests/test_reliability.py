@@ -75,6 +75,13 @@ def test_bad_config_values(tmp_path, args, expected):
     assert_one_clear_line(train_cli(*args, f"--workdir={tmp_path}"), *expected)
 
 
+def test_missing_config_flag_is_named(tmp_path):
+    out = train_cli(f"--workdir={tmp_path}")
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "both --config and --workdir are required" in out.stderr
+    assert "NoneType" not in out.stderr  # was: "unknown config field: 'NoneType' object..."
+
+
 def test_batch_not_divisible_by_devices(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     out = train_cli(
