@@ -37,6 +37,6 @@ get_experiment = define(
     families.PRESETS,
     budgets=families.BUDGETS,
     seeds=families.SEEDS,
-    cpu_overrides=families.SMALL_ALLCNN,
+    cpu_overrides=families.CPU_ALLCNN,
     variant_overrides=families.VARIANT_OVERRIDES,
 )
