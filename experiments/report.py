@@ -243,6 +243,15 @@ def commits_line(envs: list[dict]) -> str:
     return "commits " + ", ".join(f"{c} ({n} runs)" for c, n in counts.items())
 
 
+def seeds_flag(experiment: Experiment, spec: str) -> str:
+    """' --seeds=...' when the experiment runs other seeds than its file's, else ''."""
+    import experiments
+
+    if experiment.seeds == experiments.get(spec).seeds:
+        return ""
+    return " --seeds=" + ",".join(map(str, experiment.seeds))
+
+
 def write(experiment: Experiment, output: Path, spec: str) -> str:
     """Writes report.md, results.json (the collected numbers) and the plots; returns the table."""
     output = Path(output)
@@ -276,7 +285,8 @@ compilation and evaluation; images/s is the median over logging intervals.
 ![accuracy vs FLOPs](accuracy_vs_flops.png)
 ![shift consistency](shift_consistency.png)
 
-Produced by `python -m experiments run {spec} --output={output}` on {env.get("device_count", "?")} x
+Produced by `python -m experiments run {spec}{seeds_flag(experiment, spec)} --output={output}`
+on {env.get("device_count", "?")} x
 {env.get("device_kind", "?")} ({env.get("platform", "?")}, {env.get("cpu_count", "?")} CPU cores),
 {commits_line(envs)}; {versions}.
 """

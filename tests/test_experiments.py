@@ -96,7 +96,7 @@ def test_every_experiment_and_variant_builds_valid_configs():
     from configs import schema
 
     for name in experiments.NAMES:
-        for variant in experiments.VARIANTS:
+        for variant in experiments.variants(name):
             experiment = experiments.get(f"{name}:{variant}")
             assert experiment.runs and experiment.seeds
             for run in experiment.runs:
@@ -128,6 +128,13 @@ def test_only_names_unknown_runs_in_one_line(tmp_path):
     with pytest.raises(experiments.UserError, match="--only names no run of tiny: nope"):
         runner.run_missing(tiny_experiment(), tmp_path, only=("nope",))
     assert not any(tmp_path.iterdir())  # nothing trained
+
+
+def test_the_report_names_the_seeds_flag_only_for_other_seeds():
+    families = experiments.get("families:small")
+    assert report.seeds_flag(families, "families:small") == ""
+    other = experiments.with_seeds(families, ["3", "4", "5"])
+    assert report.seeds_flag(other, "families:small") == " --seeds=3,4,5"
 
 
 def test_the_report_names_every_commit_its_runs_came_from():
