@@ -1,12 +1,15 @@
-"""Detection (Fast R-CNN, Girshick 2015, arXiv 1504.08083) on scenes of the built-in shapes or
-of Fashion-MNIST items, with a project classifier's convolutional layers as the backbone.
+"""Detection (R-CNN, Girshick et al. 2014, arXiv 1311.2524; Fast R-CNN, Girshick 2015, arXiv
+1504.08083) on scenes of the built-in shapes or of Fashion-MNIST items, with a project
+classifier as the network.
 
     python -m detection train --config=configs/detection.py:pooled_max --workdir=runs/det
     python -m detection train --config=configs/detection.py:resnet20,fashion_mnist ...
+    python -m detection train --config=configs/detection.py:pooled_max,builtin,rcnn ...
 
-The argument names the backbone's model preset (`models.PRESETS`), then optionally the
-scenes: `builtin` (default: the built-in dataset's shapes, no files) or `fashion_mnist`
-(Fashion-MNIST items from the official idx files, `dataset.data_dir`). Every section of
+The argument names the model preset (`models.PRESETS`), then optionally the scenes:
+`builtin` (default: the built-in dataset's shapes, no files) or `fashion_mnist`
+(Fashion-MNIST items from the official idx files, `dataset.data_dir`), then optionally the
+method (`detection.mode`): `fast_rcnn` (default) or `rcnn`. Every section of
 `configs/base.py` keeps its meaning (model, optimizer, schedule, training, distributed; the
 batch is `training.batch_size` images); `dataset.name` picks the scenes' objects and
 `dataset.data_dir` their files. The other dataset fields (sizes, crop augmentation,
@@ -19,24 +22,31 @@ import ml_collections
 from configs import base, fashion_mnist
 
 SCENES = ("builtin", "fashion_mnist")
+MODES = ("fast_rcnn", "rcnn")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """Returns the detection config for `arg` = 'PRESET[,SCENES]'."""
-    preset, _, scenes = (arg or "pooled_max").partition(",")
-    c = base.get_config(preset or "pooled_max")
-    scenes = scenes or "builtin"
-    if scenes not in SCENES:
-        from errors import UserError
+    """Returns the detection config for `arg` = 'PRESET[,SCENES[,MODE]]'."""
+    from errors import UserError
 
+    preset, scenes, mode, *rest = [*(arg or "pooled_max").split(","), "", ""]
+    c = base.get_config(preset or "pooled_max")
+    scenes, mode = scenes or "builtin", mode or "fast_rcnn"
+    if scenes not in SCENES:
         raise UserError(f"detection scenes {scenes!r}: choose one of {', '.join(SCENES)}")
+    if any(rest):
+        raise UserError(f"detection config {arg!r}: the argument is PRESET[,SCENES[,MODE]]")
+    if mode not in MODES:
+        raise UserError(f"detection method {mode!r}: choose one of {', '.join(MODES)}")
     c.dataset.name = scenes
     if scenes == "fashion_mnist":
         c.dataset.source = "files"
         c.dataset.data_dir = fashion_mnist.DEBIAN_DIR
     c.dataset.augment_crop_padding = 0  # unused: detection flips only (detection.flip)
 
-    # Fast R-CNN trains on N images of R RoIs each: N = training.batch_size (paper: 2)
+    # Each step trains on training.batch_size x detection.rois_per_image = 128 RoIs, 25 %
+    # foreground, in both modes: Fast R-CNN takes them from N = training.batch_size images
+    # (paper: 2 x 64), R-CNN draws them over every training image (paper: 32 + 96 of 128)
     c.training.batch_size = 2
     c.training.eval_batch_size = 8  # test images per forward pass
     c.training.num_steps = 1_500
@@ -47,6 +57,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.learning_rate = 1e-3
 
     d = c.detection = ml_collections.ConfigDict()
+    # fast_rcnn: one feature map per image, RoI pooling (Girshick 2015); rcnn: every proposal
+    # warped to the classifier's input and classified on its own (Girshick et al. 2014)
+    d.mode = mode
     # --- scenes (detection/scenes.py) -------------------------------------------------------
     d.image_size = 96  # side of the square scenes, pixels
     d.train_scenes = 1_000  # training scenes (training items only, for Fashion-MNIST)
@@ -74,15 +87,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.background_iou_low = 0.1
 
     # --- the network (Fast R-CNN section 2) ---------------------------------------------------
-    # The backbone is the preset's layers up to its last spatial layer that does not depend on
-    # the number of classes; a final max pooling there is replaced by the RoI pooling
-    # (section 2.3: VGG16's pool5 becomes the RoI pooling layer).
+    # Fast R-CNN: the backbone is the preset's layers up to its last spatial layer that does
+    # not depend on the number of classes; a final max pooling there is replaced by the RoI
+    # pooling (section 2.3: VGG16's pool5 becomes the RoI pooling layer). R-CNN: the whole
+    # preset with K + 1 outputs, plus the box regressor on the features before them.
     # the workdir of a classification run (train.py) of the same model preset whose best
     # checkpoint initialises the backbone (the paper starts from ImageNet classifiers); '':
     # the backbone starts from random weights
     d.backbone_workdir = ""
+    # R-CNN: the side of the warped regions, the classifier's input; 0 = the image size of
+    # the classification dataset `dataset.name` (builtin: dataset.builtin_image_size, 32;
+    # fashion_mnist: 28), so a classifier trained by train.py on it fits (paper: 227)
+    d.warp_size = 0
     d.roi_size = 7  # the RoI pooling grid H x W (paper: 7 x 7 for VGG16)
-    d.hidden_widths = (256, 256)  # the FC layers after the RoI pooling (paper: 4096, 4096)
+    # Fast R-CNN: the FC layers after the RoI pooling (paper: 4096, 4096)
+    d.hidden_widths = (256, 256)
     d.hidden_dropout = 0.5  # dropout after each of them (paper: VGG16's 0.5)
     # loss = cross-entropy + bbox_loss_weight x smooth L1 on the foreground RoIs (eq. 1, lambda
     # = 1); targets divided by these standard deviations (tx, ty, tw, th), as the paper's code

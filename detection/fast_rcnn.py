@@ -69,10 +69,10 @@ def detector_specs(
     (ReLU, dropout), then `cls` [K + 1] and `bbox` [4 K], both reading the last hidden layer.
     The numbers of the layers after the RoI pooling are per region."""
     backbone = backbone_specs(model_cfg, image_shape)
-    b = Builder(tuple(image_shape))
-    for spec in backbone:
-        b._add(spec)  # the preset's own specs, as they are
-    b.roi_pool(ROI_POOL, detection.roi_size)
+    # the RoI pooling reads the backbone's last layer (its jump is the spatial scale); the
+    # layers after it work on one region's grid
+    pooling = KINDS["roi_pool"].spec(ROI_POOL, (backbone[-1],), (), output_size=detection.roi_size)
+    b = Builder(pooling.out_shape)
     b.flatten("roi_flatten")
     for i, width in enumerate(detection.hidden_widths, start=6):  # the paper's fc6, fc7
         b.dense(f"fc{i}", width, use_bias=True)
@@ -81,7 +81,7 @@ def detector_specs(
     trunk = b.last
     b.dense(CLS, num_classes + 1, use_bias=True)
     b.dense(BBOX, 4 * num_classes, use_bias=True, source=trunk)
-    return b.specs
+    return [*backbone, pooling, *b.specs]
 
 
 class FastRCNN(nnx.Module):

@@ -1,5 +1,11 @@
-"""R-CNN's pieces (Girshick et al. 2014, arXiv 1311.2524): the warp of proposals with context
-padding to the classifier's input, and the fine-tuning labels and batches.
+"""R-CNN (Girshick et al. 2014, arXiv 1311.2524): the warp of proposals with context padding
+to the classifier's input, the fine-tuning labels and batches, and the network: a project
+classifier at its own input size with K + 1 softmax outputs and a class-specific box
+regressor.
+
+    specs = detector_specs(config.model, (32, 32, 3), num_classes=10)
+    model = RCNN(specs, rngs=nnx.Rngs(0))
+    scores, deltas = model(images, rois, roi_image)   # every RoI warped, then classified
 
 `warp` is batched and jit-compiled: every proposal of a batch is resampled at once
 (bilinear, `jax.scipy.ndimage.map_coordinates` vmapped over boxes), never a Python loop per
@@ -10,16 +16,26 @@ appendix A); samples outside the image take the image's mean (the paper's choice
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from flax import nnx
 
+import models
 from detection import boxes as box_ops
+from errors import UserError
+from models.builder import Builder
+from models.kinds import KINDS
+from models.shapes import LayerSpec
 
 PAPER_INPUT = 227
 PAPER_CONTEXT = 16
+BBOX_FLATTEN, BBOX = "bbox_flatten", "bbox"
 
 
 def context_pixels(size: int) -> float:
@@ -106,3 +122,63 @@ def sample_batch(
     if n_bg:
         picks.append(rng.choice(bg, n_bg, replace=n_bg > len(bg)))
     return rng.permutation(np.concatenate(picks)).astype(np.int64)
+
+
+def detector_specs(
+    model_cfg: ml_collections.ConfigDict, input_shape: Sequence[int], num_classes: int
+) -> list[LayerSpec]:
+    """Returns R-CNN's layers: the preset's own network for warped regions of `input_shape`
+    with `num_classes` + 1 outputs (0 = background; section 2.3: the classification layer
+    replaced by a randomly initialised (N + 1)-way one), then the class-specific box
+    regressor `bbox` [4 K] reading the features that feed the class layers (flattened when
+    spatial, as the paper's pool5 features)."""
+    shape = tuple(input_shape)
+    specs = models.architecture(model_cfg, shape, num_classes + 1)
+    other = models.architecture(model_cfg, shape, num_classes + 2)
+    cut = next(i for i, (a, b) in enumerate(zip(specs, other, strict=True)) if a != b)
+    if cut == 0:
+        raise UserError(f"model.name={model_cfg.name!r}: no layers before the class scores")
+    features = specs[cut - 1]
+    b = Builder(features.out_shape)
+    if len(features.out_shape) == 3:
+        b.flatten(BBOX_FLATTEN)
+    b.dense(BBOX, 4 * num_classes, use_bias=True)
+    head = b.specs
+    # the regressor reads the features layer, not the class scores listed before it
+    head[0] = dataclasses.replace(head[0], inputs=(features.name,))
+    return [*specs, *head]
+
+
+class RCNN(nnx.Module):
+    """R-CNN's network over `specs` (from `detector_specs`): `backbone` (the classifier's
+    layers up to its features), `classifier` (the rest: K + 1 scores) and `bbox`.
+
+    `__call__(images, rois, roi_image, *, train=False, rngs=None)`: normalised images [B, H,
+    W, C], RoIs [R, 4] (x1, y1, x2, y2 image pixels) on images `roi_image` [R] -> (float32
+    class scores [R, K + 1], box deltas [R, K, 4]). Each RoI is warped with context padding
+    to the classifier's input (`warp`: bilinear is affine, so warping normalised images is
+    normalising warped ones) and goes through the whole network: no computation is shared
+    between RoIs, which is what Fast R-CNN changes.
+    """
+
+    def __init__(self, specs: Sequence[LayerSpec], *, dtype: str = "float32", rngs: nnx.Rngs):
+        specs = tuple(specs)
+        names = [s.name for s in specs]
+        head = min(names.index(n) for n in (BBOX_FLATTEN, BBOX) if n in names)
+        cut = names.index(specs[head].inputs[0]) + 1
+        self.size = specs[0].in_shape[0]
+        self.backbone = models.Network(specs[:cut], dtype=dtype, rngs=rngs)
+        self.classifier = models.Network(specs[cut:head], dtype=dtype, rngs=rngs)
+        self.bbox_spec = specs[-1]
+        self.bbox = KINDS["dense"].module(self.bbox_spec, jnp.dtype(dtype), rngs)
+        # the paper's code initialises the box regressor from N(0, 0.001), as Fast R-CNN's
+        self.bbox.kernel[...] = 0.001 * jax.random.normal(
+            rngs.params(), self.bbox.kernel[...].shape
+        )
+
+    def __call__(self, images, rois, roi_image, *, train: bool = False, rngs=None):
+        regions = warp(images, rois, roi_image, size=self.size).astype(images.dtype)
+        features = self.backbone(regions, train=train, rngs=rngs).astype(images.dtype)
+        scores = self.classifier(features, train=train, rngs=rngs)
+        deltas = self.bbox(features.reshape(features.shape[0], -1)).astype(jnp.float32)
+        return scores, deltas.reshape(deltas.shape[0], -1, 4)

@@ -3,7 +3,8 @@ Fast R-CNN's mini-batches of RoIs.
 
     data = load_scenes(config)                          # train / eval / test Scenes
     pool = label_pool(scenes, proposals, fg_iou=0.5)    # per image: RoIs, labels, targets
-    batch = sample_batch(pool, scenes, step, ...)       # the RoIs of step `step`
+    batch = sample_batch(pool, scenes, step, ...)       # Fast R-CNN: the RoIs of step `step`
+    batch = sample_regions(FlatPool.of(pool), scenes, step, ...)   # R-CNN's regions
 
 Training RoIs (Fast R-CNN section 2.3): an image's selective-search proposals plus its
 ground-truth boxes (as the paper's code), each labelled with the class of the ground-truth
@@ -55,9 +56,7 @@ def load_scenes(config: ml_collections.ConfigDict) -> dict[str, scenes.Scenes]:
         for split, n in sizes.items():
             out[split] = scenes.builtin_scenes(n, seed=seeds[split], image_size=d.image_size)
         return out
-    from data import catalog
-
-    names = catalog._INFOS["fashion_mnist"].class_names
+    names = scenes.FASHION_MNIST_CLASSES
     items = {s: scenes.fashion_mnist_items(config.dataset.data_dir, s) for s in ("train", "test")}
     for split, n in sizes.items():
         pictures, labels = items["test" if split == "test" else "train"]
@@ -187,6 +186,66 @@ def sample_batch(
         "labels": np.concatenate(labels).astype(np.int32),
         "targets": np.concatenate(targets).astype(np.float32),
         "weight": np.ones(len(indices) * rois_per_image, np.float32),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class FlatPool:
+    """Every labelled training RoI of every image in one list (R-CNN samples over them all):
+    image int32 [M] (its scene), rois float32 [M, 4], labels int32 [M], targets float32 [M, 4].
+    """
+
+    image: np.ndarray
+    rois: np.ndarray
+    labels: np.ndarray
+    targets: np.ndarray
+
+    @classmethod
+    def of(cls, pool: Pool) -> FlatPool:
+        image = np.concatenate([np.full(len(r), i, np.int32) for i, r in enumerate(pool.rois)])
+        return cls(
+            image,
+            np.concatenate(pool.rois).astype(np.float32),
+            np.concatenate(pool.labels).astype(np.int32),
+            np.concatenate(pool.targets).astype(np.float32),
+        )
+
+
+def sample_regions(
+    flat: FlatPool,
+    data: scenes.Scenes,
+    step: int,
+    *,
+    batch_size: int,
+    fg_fraction: float,
+    flip: bool,
+    seed: int,
+) -> dict[str, np.ndarray]:
+    """Returns R-CNN's fine-tuning batch of step `step` (section 2.3: `batch_size` regions
+    drawn uniformly over every training image, `fg_fraction` of them positive, the rest
+    background; the paper's 32 of 128), from (seed, step) alone: image uint8 [R, S, S, C] (each
+    region's scene), rois, roi_image (= arange(R)), labels, targets, weight as `sample_batch`.
+    Each region's scene is flipped with p = 0.5 when `flip`."""
+    rng = np.random.default_rng([seed, step, 2])
+    positives = round(fg_fraction * batch_size)
+    chosen = rcnn.sample_batch(rng, flat.labels, batch_size=batch_size, positives=positives)
+    images = data.images[flat.image[chosen]]
+    box, target = flat.rois[chosen].copy(), flat.targets[chosen].copy()
+    if flip:
+        flipped = rng.random(batch_size) < 0.5
+        width = data.images.shape[2]
+        images[flipped] = images[flipped, :, ::-1]
+        box[flipped] = np.stack(
+            [width - box[flipped, 2], box[flipped, 1], width - box[flipped, 0], box[flipped, 3]], 1
+        )
+        target[flipped, 0] *= -1  # tx changes sign
+    return {
+        "image": images,
+        "rois": box,
+        "roi_image": np.arange(batch_size, dtype=np.int32),
+        "labels": flat.labels[chosen],
+        "targets": target,
+        "weight": np.ones(batch_size, np.float32),
     }
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 
 import cv2
+import ml_collections
 import numpy as np
 
 from data import builtin, catalog, files
@@ -29,6 +30,9 @@ TRAIN_SEED = 0  # as data.builtin: fixed streams, so every run sees the same sce
 TEST_SEED = 1
 _TRIES = 20
 _INK = 24  # Fashion-MNIST: a (rescaled) item pixel above this is the item's, below background
+FASHION_MNIST_CLASSES = catalog.dataset_info(
+    ml_collections.ConfigDict({"name": "fashion_mnist", "source": "files"})
+).class_names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,5 +281,6 @@ def fashion_mnist_scenes(
     items, labels = fashion_mnist_items(data_dir, split)
     if seed is None:
         seed = TRAIN_SEED if split == "train" else TEST_SEED
-    names = catalog._INFOS["fashion_mnist"].class_names
-    return scenes_from_items(items, labels, n, seed=seed, class_names=names, **options)
+    return scenes_from_items(
+        items, labels, n, seed=seed, class_names=FASHION_MNIST_CLASSES, **options
+    )

@@ -1,4 +1,5 @@
-"""Fast R-CNN training and evaluation, with the training library's pieces and conventions.
+"""R-CNN and Fast R-CNN training and evaluation, with the training library's pieces and
+conventions (`detection.mode`: rcnn | fast_rcnn).
 
     results = train_and_evaluate(config, workdir)   # resumes from the workdir's checkpoint
     result = evaluate(run, state, "test")           # AP, AP50, AP75, VOC07 mAP, images/s
@@ -11,7 +12,10 @@ checkpoint when `training.loop.itstime` says so, SIGTERM/Ctrl-C saved and report
 `training.loop.Preempted`, bookkeeping in `training.loop.LoopRecord` (so a resumed run ends
 with the same totals). What differs is the data (images + RoIs, sampled on the host from
 (seed, step)), the multi-task loss, and the evaluation (detections, per-class NMS, AP), so
-those are here. The best checkpoint is the best evaluation by AP50.
+those are here. The best checkpoint is the best evaluation by AP50. The two modes differ only
+in their network (`fast_rcnn.FastRCNN`, `rcnn.RCNN`: the same inputs and outputs) and in how
+a step's 128 RoIs are drawn (`regions.sample_batch`: from 2 images; `regions.sample_regions`:
+over every training image, each with its own scene).
 
 State and batches are replicated over the mesh (one device computes; the step is not data
 parallel).
@@ -41,7 +45,7 @@ import data
 from configs import schema
 from detection import boxes as box_ops
 from detection import evaluate as evaluate_lib
-from detection import fast_rcnn, regions, scenes
+from detection import fast_rcnn, rcnn, regions, scenes
 from detection import proposals as proposals_lib
 from errors import UserError
 from models import summary as model_summary
@@ -53,6 +57,8 @@ from training import workdir as workdir_lib
 from training.state import abstract_like
 
 EVAL_SPLITS = ("validation", "test")
+MODES = ("fast_rcnn", "rcnn")
+NETWORKS = {"fast_rcnn": fast_rcnn.FastRCNN, "rcnn": rcnn.RCNN}
 
 
 def _require(ok: bool, field: str, message: str) -> None:
@@ -68,6 +74,12 @@ def validate(config: ml_collections.ConfigDict) -> list:
         raise UserError("config has no 'detection' section: use configs/detection.py")
     schema.validate(config)
     d = config.detection
+    _require(d.mode in MODES, "mode", f"{d.mode!r} is not one of {', '.join(MODES)}")
+    _require(
+        isinstance(d.warp_size, int) and d.warp_size >= 0,
+        "warp_size",
+        "must be an integer >= 0 (0: the classification dataset's image size)",
+    )
     _require(
         config.dataset.name in ("builtin", "fashion_mnist"),
         "scenes",
@@ -114,7 +126,17 @@ def validate(config: ml_collections.ConfigDict) -> list:
     _require(0 < d.nms_iou <= 1, "nms_iou", "must be in (0, 1]")
     _require(0 <= d.score_threshold < 1, "score_threshold", "must be in [0, 1)")
     channels = 3 if config.dataset.name == "builtin" else 1
+    if d.mode == "rcnn":
+        return rcnn.detector_specs(config.model, warp_shape(config), 10)
     return fast_rcnn.detector_specs(config.model, (d.image_size, d.image_size, channels), 10, d)
+
+
+def warp_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    """R-CNN's warped regions (H, W, C): detection.warp_size, or the image shape of the
+    classification dataset `dataset.name` (a classifier trained on it fits)."""
+    shape = data.dataset_info(config.dataset).image_shape
+    size = config.detection.warp_size or shape[0]
+    return (size, size, shape[2])
 
 
 @dataclasses.dataclass
@@ -128,6 +150,7 @@ class Run:
     scenes: dict[str, scenes.Scenes]
     proposals: dict[str, list[np.ndarray]]
     pool: regions.Pool | None
+    flat_pool: regions.FlatPool | None
     mean: np.ndarray
     std: np.ndarray
     mesh: Any
@@ -150,6 +173,17 @@ class Run:
     def batch(self, step: int) -> dict:
         """The training batch of step `step` (0-based), on the devices."""
         c, d = self.config, self.config.detection
+        if d.mode == "rcnn":
+            batch = regions.sample_regions(
+                self.flat_pool,
+                self.scenes["train"],
+                step,
+                batch_size=rois_per_step(c),
+                fg_fraction=d.foreground_fraction,
+                flip=d.flip,
+                seed=c.seed,
+            )
+            return jax.device_put(batch, NamedSharding(self.mesh, P()))
         batch = regions.sample_batch(
             self.pool,
             self.scenes["train"],
@@ -165,12 +199,24 @@ class Run:
         return jax.device_put(batch, NamedSharding(self.mesh, P()))
 
 
+def rois_per_step(config: ml_collections.ConfigDict) -> int:
+    """The RoIs of one training step (both modes): training.batch_size x rois_per_image."""
+    return config.training.batch_size * config.detection.rois_per_image
+
+
+def images_per_step(config: ml_collections.ConfigDict) -> int:
+    """The images one training step puts through the network: the scenes (Fast R-CNN) or the
+    warped regions (R-CNN)."""
+    return rois_per_step(config) if config.detection.mode == "rcnn" else config.training.batch_size
+
+
 def _init_program(config, specs, mesh):
     tx = optim.make_optimizer(config)
     structure = {}
+    network = NETWORKS[config.detection.mode]
 
     def init():
-        model = fast_rcnn.FastRCNN(specs, dtype=config.model.dtype, rngs=nnx.Rngs(config.seed))
+        model = network(specs, dtype=config.model.dtype, rngs=nnx.Rngs(config.seed))
         graphdef, params, batch_stats, other = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
         structure["graphdef"] = graphdef
         return {
@@ -224,13 +270,20 @@ def train_step(state, batch, *, graphdef, tx, config, mean, std):
 def predict_step(state, images, rois, *, graphdef, config, mean, std):
     """Returns (class probabilities [B, P, K + 1], boxes [B, P, K, 4]: each RoI regressed
     for each class, clipped to the image) for uint8 images [B, S, S, C] and their RoIs
-    [B, P, 4], in eval mode; the feature map is computed once per image."""
+    [B, P, 4], in eval mode. Fast R-CNN computes the feature map once per image; R-CNN runs
+    the images one after the other (its B x P warped regions at once would not fit)."""
     d = config.detection
     b, p = rois.shape[:2]
     x = data.normalize(images, mean, std, jnp.dtype(config.model.dtype))
     model = nnx.merge(graphdef, state["params"], state["batch_stats"], state["other"])
     flat = rois.reshape(-1, 4)
-    scores, deltas = model(x, flat, jnp.repeat(jnp.arange(b), p), train=False)
+    if d.mode == "rcnn":
+        scores, deltas = jax.lax.map(
+            lambda args: model(args[0][None], args[1], jnp.zeros(p, jnp.int32)), (x, rois)
+        )
+        scores, deltas = scores.reshape(b * p, -1), deltas.reshape(b * p, -1, 4)
+    else:
+        scores, deltas = model(x, flat, jnp.repeat(jnp.arange(b), p), train=False)
     deltas = deltas * jnp.asarray(d.bbox_target_std, jnp.float32)
     boxes = box_ops.decode(flat[:, None, :], deltas)
     boxes = box_ops.clip(boxes, d.image_size, d.image_size)
@@ -241,7 +294,10 @@ def predict_step(state, images, rois, *, graphdef, config, mean, std):
 def with_pretrained_backbone(state, workdir: str, config, specs, mesh):
     """Returns `state` with the backbone's parameters (and BatchNorm statistics) taken from
     the best checkpoint of the classification run in `workdir` (train.py's), whose model
-    section must be this config's. The detection heads keep their initialisation."""
+    section must be this config's: Fast R-CNN's conv layers, R-CNN's layers before its class
+    scores. The class and box layers keep their initialisation (R-CNN section 2.3: the
+    classification layer replaced by a new (N + 1)-way one). UserError when a layer's
+    parameters differ in shape (a classifier of other images)."""
     from evaluation import run as run_lib
     from training import state as state_lib
 
@@ -259,17 +315,26 @@ def with_pretrained_backbone(state, workdir: str, config, specs, mesh):
     _, abstract = state_lib.abstract_train_state(classifier, info, mesh)
     keep = classifier.training.keep_checkpoints
     saved = ckpt_lib.Checkpoints(path, keep=keep, read_only=True).restore(abstract, "best")[1]
-    names = [s.name for s in specs[: [s.name for s in specs].index(fast_rcnn.ROI_POOL)]]
-    out = dict(state)
+    out, names = dict(state), set()
     for part in ("params", "batch_stats"):
         mine, theirs = nnx.to_pure_dict(state[part]), nnx.to_pure_dict(saved[part])
-        for name in names:
-            if name in theirs.get("layers", {}):
-                mine["backbone"]["layers"][name] = theirs["layers"][name]
+        for name, layer in mine.get("backbone", {}).get("layers", {}).items():
+            source = theirs.get("layers", {}).get(name)
+            if source is None:
+                continue
+            want = jax.tree.map(np.shape, layer)
+            if jax.tree.map(np.shape, source) != want:
+                raise UserError(
+                    f"config.detection.backbone_workdir={workdir}: layer {name!r} has "
+                    f"{jax.tree.map(np.shape, source)} there, {want} here (a classifier of "
+                    "other images: set dataset and detection.warp_size as it was trained)"
+                )
+            mine["backbone"]["layers"][name] = source
+            names.add(name)
         copied = jax.tree.map(lambda x: x, state[part])
         nnx.replace_by_pure_dict(copied, mine)
         out[part] = jax.device_put(copied, NamedSharding(mesh, P()))
-    logging.info("backbone layers %s from the classifier in %s", ", ".join(names), path)
+    logging.info("backbone layers %s from the classifier in %s", ", ".join(sorted(names)), path)
     return out
 
 
@@ -278,7 +343,7 @@ def _compile(config, specs, graphdef, state, mesh, mean, std, which):
     d, t = config.detection, config.training
     channels = specs[0].in_shape[2]
     image = (d.image_size, d.image_size, channels)
-    n, r = t.batch_size, t.batch_size * d.rois_per_image
+    n, r = images_per_step(config), rois_per_step(config)
 
     def spec(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
@@ -358,6 +423,7 @@ def _build(config, specs, workdir, restore, train) -> Run:
             fg_iou=d.foreground_iou,
             target_std=tuple(d.bbox_target_std),
         )
+    flat_pool = regions.FlatPool.of(pool) if pool is not None and d.mode == "rcnn" else None
     pixels = data_splits["train"].images.reshape(-1, data_splits["train"].images.shape[-1])
     mean = (pixels.mean(axis=0) / 255.0).astype(np.float32)
     std = (pixels.std(axis=0) / 255.0 + 1e-3).astype(np.float32)
@@ -389,6 +455,7 @@ def _build(config, specs, workdir, restore, train) -> Run:
         data_splits,
         found,
         pool,
+        flat_pool,
         mean,
         std,
         mesh,
@@ -494,7 +561,8 @@ def _flush(run: Run, pending: list, record: loop_lib.LoopRecord, tick, step, las
             record.skipped_updates += 1
     now = time.perf_counter()
     record.train_seconds += now - tick[0]
-    rate = (step - tick[1]) * t.batch_size / max(now - tick[0], 1e-9)
+    steps_per_s = (step - tick[1]) / max(now - tick[0], 1e-9)
+    rate = steps_per_s * rois_per_step(run.config)
     record.rates.append(rate)
     good = [v for v in values if not v["nonfinite"]] or values
     return {
@@ -505,7 +573,8 @@ def _flush(run: Run, pending: list, record: loop_lib.LoopRecord, tick, step, las
         "bbox_loss": float(np.mean([v["bbox"] for v in good])),
         "roi_accuracy": float(sum(v["correct"] for v in good) / sum(v["count"] for v in good)),
         "learning_rate": float(optim.make_schedule(run.config)(step - 1)),
-        "images_per_s": rate,
+        "rois_per_s": rate,
+        "images_per_s": steps_per_s * images_per_step(run.config),
         "wall_time": time.time(),
         "skipped_updates": record.skipped_updates,
     }
@@ -577,7 +646,7 @@ def _finish(run: Run, state, step, record, final_eval, writer) -> dict:
     run.checkpoints.close()
     summary = model_summary.to_json(run.specs)
     results = {
-        "method": "fast_rcnn",
+        "method": config.detection.mode,
         "model": config.model.name,
         "scenes": config.dataset.name,
         "seed": config.seed,
@@ -590,7 +659,14 @@ def _finish(run: Run, state, step, record, final_eval, writer) -> dict:
         },
         **{k: final_test[k] for k in ("ap", "ap50", "ap75", "voc07_map")},
         "test_images_per_s": final_test["images_per_s"],
-        "train_images_per_s": statistics.median(record.rates) if record.rates else None,
+        # RoIs/s of training (record.rates); images/s: scenes (Fast R-CNN) or warped regions
+        # (R-CNN) through the network
+        "train_rois_per_s": statistics.median(record.rates) if record.rates else None,
+        "train_images_per_s": (
+            statistics.median(record.rates) * images_per_step(config) / rois_per_step(config)
+            if record.rates
+            else None
+        ),
         "params": summary["total_params"],
         "train_seconds": record.train_seconds,
         "compile_seconds": run.compile_seconds,

@@ -1,9 +1,18 @@
-"""detection.rcnn: the warp with context padding, fine-tuning labels and batches."""
+"""R-CNN: the warp with context padding, fine-tuning labels and batches, the network (the
+classifier with K + 1 scores and a box regressor), its batches, its config checks and its
+initialisation from a classification run."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from flax import nnx
 
-from detection import rcnn
+import configs
+import models
+from detection import boxes, rcnn, regions, scenes
+from detection import train as det_train
+from errors import UserError
 
 
 def test_warp_without_context_is_a_resize_of_the_box():
@@ -56,3 +65,155 @@ def test_labels_and_batches_follow_the_paper():
     assert len(batch) == 128 and (pool[batch] > 0).sum() == 32 and len(set(batch)) == 128
     few = np.array([2] * 5 + [0] * 500)  # fewer positives than 32: background fills the batch
     assert (few[rcnn.sample_batch(rng, few)] > 0).sum() == 5
+
+
+def _config(**overrides):
+    c = configs.load("configs/detection.py:pooled_max,builtin,rcnn")
+    configs.override(c, overrides)
+    return c
+
+
+def test_rcnn_is_the_classifier_with_k_plus_1_scores_and_a_box_regressor():
+    c = _config()
+    specs = det_train.validate(c)
+    classifier = models.architecture(c.model, (32, 32, 3), 11)
+    assert [s.name for s in specs] == [s.name for s in classifier] + ["bbox"]
+    bbox = specs[-1]
+    # the regressor reads the features that feed the class scores (pool3, flattened)
+    assert bbox.inputs == ("flatten",) and bbox.in_shape == (4 * 4 * 128,)
+    assert bbox.out_shape == (40,) and specs[-2].out_shape == (11,)
+    model = rcnn.RCNN(specs, rngs=nnx.Rngs(0))
+    params = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
+    assert params == sum(s.params for s in specs)
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64, 64, 3)), jnp.float32)
+    rois = jnp.array([[0, 0, 40, 40], [10, 20, 60, 50], [5, 5, 30, 12]], jnp.float32)
+    scores, deltas = model(images, rois, jnp.array([0, 1, 1]))
+    assert scores.shape == (3, 11) and deltas.shape == (3, 10, 4)
+    np.testing.assert_array_equal(np.asarray(scores), 0)  # the new class layer starts at zero
+    # All-CNN-C's class scores come from a conv: the regressor flattens the map before it
+    allconv = det_train.validate(configs.load("configs/detection.py:allcnn_c,builtin,rcnn"))
+    assert allconv[-2].name == "bbox_flatten" and allconv[-2].inputs[0] != "conv9"
+
+
+def test_rcnn_sees_only_the_warped_region():
+    """Each RoI is classified from its warp alone: changing the image outside a box and its
+    context leaves that RoI's outputs unchanged, and changes those of a RoI that sees it."""
+    specs = det_train.validate(_config())
+    model = rcnn.RCNN(specs, rngs=nnx.Rngs(1))
+    # non-zero class scores, so that a change of the input can show
+    model.classifier.layers["fc"].kernel[...] = 0.01 * jnp.ones_like(
+        model.classifier.layers["fc"].kernel[...]
+    )
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(1, 64, 64, 3)).astype(np.float32)
+    other = image.copy()
+    other[:, 40:, 40:] += 3.0  # far from the first box (16 px + context), inside the second
+    # the first box's warp with its context reads x, y in [0.7, 19.3]: inside the image, so
+    # the fill (the image's mean, which the change moves) does not enter either
+    rois = jnp.array([[2, 2, 18, 18], [30, 30, 60, 60]], jnp.float32)
+    a = model(jnp.asarray(image), rois, jnp.zeros(2, jnp.int32))
+    b = model(jnp.asarray(other), rois, jnp.zeros(2, jnp.int32))
+    np.testing.assert_allclose(np.asarray(a[0][0]), np.asarray(b[0][0]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(a[1][0]), np.asarray(b[1][0]), atol=1e-5)
+    assert np.abs(np.asarray(a[0][1]) - np.asarray(b[0][1])).max() > 1e-3
+
+
+def test_rcnn_batches_draw_32_positives_over_all_images():
+    data = scenes.builtin_scenes(8, seed=0, image_size=64)
+    rng = np.random.default_rng(0)
+    proposals = [
+        np.concatenate([xy := rng.uniform(0, 40, (40, 2)), xy + rng.uniform(6, 24, (40, 2))], 1)
+        for _ in range(8)
+    ]
+    std = (0.1, 0.1, 0.2, 0.2)
+    pool = regions.label_pool(data, proposals, fg_iou=0.5, target_std=std)
+    flat = regions.FlatPool.of(pool)
+    assert len(flat.labels) == sum(len(r) for r in pool.rois)
+    args = dict(batch_size=128, fg_fraction=0.25, flip=True, seed=3)
+    a = regions.sample_regions(flat, data, 4, **args)
+    b = regions.sample_regions(flat, data, 4, **args)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    assert (a["labels"] > 0).sum() == 32 and (a["labels"] == 0).sum() == 96
+    assert a["image"].shape == (128, 64, 64, 3) and a["roi_image"].tolist() == list(range(128))
+    assert not np.array_equal(a["rois"], regions.sample_regions(flat, data, 5, **args)["rois"])
+    # every positive's target decodes to a ground-truth box of its scene, flipped with it
+    decoded = boxes.decode(a["rois"], a["targets"] * np.asarray(std, np.float32))
+    for r in np.flatnonzero(a["labels"] > 0):
+        scene = [i for i in range(8) if np.array_equal(data.images[i], a["image"][r])]
+        flipped = [i for i in range(8) if np.array_equal(data.images[i, :, ::-1], a["image"][r])]
+        (i,) = scene or flipped
+        gt = data.objects(i)[0]
+        if not scene:
+            gt = np.stack([64 - gt[:, 2], gt[:, 1], 64 - gt[:, 0], gt[:, 3]], 1)
+        assert np.isclose(decoded[r], gt, atol=1e-3).all(-1).any(), r
+    assert len({tuple(x) for x in a["rois"][a["labels"] > 0]}) > 4  # from several scenes
+
+
+def test_rcnn_config_mistakes_are_one_line_errors():
+    with pytest.raises(UserError, match="detection.mode: 'svm'"):
+        det_train.validate(_config(**{"detection.mode": "svm"}))
+    with pytest.raises(UserError, match="warp_size"):
+        det_train.validate(_config(**{"detection.warp_size": -1}))
+    with pytest.raises(UserError, match="method 'slow'"):
+        configs.load("configs/detection.py:pooled_max,builtin,slow")
+    with pytest.raises(UserError, match=r"PRESET\[,SCENES\[,MODE\]\]"):
+        configs.load("configs/detection.py:pooled_max,builtin,rcnn,extra")
+    assert det_train.warp_shape(_config(**{"dataset.name": "fashion_mnist"})) == (28, 28, 1)
+    assert det_train.warp_shape(_config(**{"detection.warp_size": 48})) == (48, 48, 3)
+
+
+def test_rcnn_starts_from_a_classification_run(workdir):
+    """`workdir`: conftest's tiny pooled_max classifier on 32x32 built-in images."""
+    from training import runtime
+
+    c = _config(**{"detection.backbone_workdir": str(workdir)})
+    specs = det_train.validate(c)
+    mesh = runtime.make_mesh()
+    init, _ = det_train._init_program(c, specs, mesh)
+    fresh = init()
+    loaded = det_train.with_pretrained_backbone(fresh, str(workdir), c, specs, mesh)
+    mine = nnx.to_pure_dict(loaded["params"])
+    before = nnx.to_pure_dict(fresh["params"])
+    for name in ("conv1", "conv2", "conv3"):
+        assert not np.array_equal(mine["backbone"]["layers"][name]["kernel"],
+                                  before["backbone"]["layers"][name]["kernel"])  # fmt: skip
+    # the (K + 1)-way class layer and the regressor keep their initialisation
+    np.testing.assert_array_equal(mine["classifier"]["layers"]["fc"]["kernel"],
+                                  before["classifier"]["layers"]["fc"]["kernel"])  # fmt: skip
+    np.testing.assert_array_equal(mine["bbox"]["kernel"], before["bbox"]["kernel"])
+    other = _config(**{"detection.backbone_workdir": str(workdir), "dataset.name": "fashion_mnist"})
+    other_specs = det_train.validate(other)
+    other_state = det_train._init_program(other, other_specs, mesh)[0]()
+    with pytest.raises(UserError, match="layer 'conv1' has"):
+        det_train.with_pretrained_backbone(other_state, str(workdir), other, other_specs, mesh)
+
+
+@pytest.mark.slow
+def test_rcnn_trains_far_above_random_boxes(tmp_path):
+    from test_detection_fast_rcnn import _random_boxes
+
+    from detection import evaluate
+
+    config = _config(
+        **{
+            "detection.train_scenes": 100,
+            "detection.test_scenes": 30,
+            "detection.proposal_upscale": 1.0,
+            "detection.proposal_cache": str(tmp_path / "proposals"),
+            "training.num_steps": 250,
+            "training.eval_every_steps": 125,
+            "training.checkpoint_every_steps": 125,
+            "training.log_every_steps": 25,
+            "training.progress": "none",
+            "schedule.warmup_steps": 10,
+        }
+    )
+    results = det_train.train_and_evaluate(config, tmp_path / "run")
+    test = scenes.builtin_scenes(30, seed=scenes.TEST_SEED, image_size=96)
+    truth = [test.objects(i) for i in range(len(test))]
+    baseline = evaluate.coco_ap(truth, _random_boxes(test, np.random.default_rng(0)),
+                                test.class_names, image_size=(96, 96))  # fmt: skip
+    assert results["method"] == "rcnn"
+    assert results["ap50"] > max(0.1, 10 * baseline["ap50"]), (results, baseline["ap50"])
+    assert results["train_images_per_s"] == pytest.approx(results["train_rois_per_s"])
