@@ -1,6 +1,7 @@
 """Detection commands: train a detector, evaluate a trained one.
 
     python -m detection train --config=configs/detection.py:pooled_max --workdir=runs/det
+    python -m detection train --config=configs/detection.py:pooled_max,builtin,rcnn ...
     python -m detection eval --workdir=runs/det --checkpoint=best
 
 `train` writes the workdir as train.py does (config.json, summary, metrics.jsonl,

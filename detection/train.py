@@ -1,18 +1,16 @@
-"""R-CNN and Fast R-CNN training and evaluation, with the training library's pieces and
-conventions (`detection.mode`: rcnn | fast_rcnn).
+"""R-CNN and Fast R-CNN training and evaluation on the training library (`detection.mode`:
+rcnn | fast_rcnn).
 
     results = train_and_evaluate(config, workdir)   # resumes from the workdir's checkpoint
     result = evaluate(run, state, "test")           # AP, AP50, AP75, VOC07 mAP, images/s
 
-The sequence is the classification one (training.setup, training.loop): config checked
-first (`validate`), workdir prepared and locked (training.workdir), scenes and proposals,
-state created or restored (training.checkpoint: Orbax, the latest K and the best), steps
-compiled once ahead of time, then the loop: log (metrics.jsonl, TensorBoard), evaluate and
-checkpoint when `training.loop.itstime` says so, SIGTERM/Ctrl-C saved and reported as
-`training.loop.Preempted`, bookkeeping in `training.loop.LoopRecord` (so a resumed run ends
-with the same totals). What differs is the data (images + RoIs, sampled on the host from
-(seed, step)), the multi-task loss, and the evaluation (detections, per-class NMS, AP), so
-those are here. The best checkpoint is the best evaluation by AP50. The two modes differ only
+`setup` builds a `Run` with the training library's set-up pieces (training.setup:
+`with_workdir`, `open_checkpoints`, `initial_state`; config checked first by `validate`),
+and `training.loop` trains it as it trains a classifier: logs, evaluations, Orbax
+checkpoints (the latest K and the best), SIGTERM/Ctrl-C, exact resume. What is specific to
+detection is here: the data (scenes, proposals, RoIs sampled on the host from (seed,
+step)), the networks' steps (the multi-task loss), the evaluation (detections, per-class NMS,
+AP) and the results. The best checkpoint is the best evaluation by AP50. The two modes differ only
 in their network (`fast_rcnn.FastRCNN`, `rcnn.RCNN`: the same inputs and outputs) and in how
 a step's 128 RoIs are drawn (`regions.sample_batch`: from 2 images; `regions.sample_regions`:
 over every training image, each with its own scene).
@@ -25,11 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
+import itertools
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -51,8 +50,8 @@ from errors import UserError
 from models import summary as model_summary
 from training import checkpoint as ckpt_lib
 from training import loop as loop_lib
-from training import metrics as metrics_lib
 from training import optim, runtime
+from training import setup as setup_lib
 from training import workdir as workdir_lib
 from training.state import abstract_like
 
@@ -143,7 +142,7 @@ def warp_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
 class Run:
     """A detection run, ready: config, specs, scenes and their proposals, the labelled
     training RoIs, the state and the compiled steps (`step`/`meta`: the restored checkpoint's,
-    0 and {} for a fresh state)."""
+    0 and {} for a fresh state); with the members `training.loop` trains (its docstring)."""
 
     config: ml_collections.ConfigDict
     specs: list
@@ -165,10 +164,70 @@ class Run:
     workdir: Path | None = None
     checkpoints: ckpt_lib.Checkpoints | None = None
     lock: Any = None
+    best_measures: ClassVar[tuple[str, ...]] = ("ap50",)
 
     @property
     def class_names(self) -> tuple[str, ...]:
         return self.scenes["test"].class_names
+
+    @property
+    def throughput(self) -> tuple[str, int]:
+        """The training rate the loop logs: RoIs per second (128 per step in both modes)."""
+        return "rois_per_s", rois_per_step(self.config)
+
+    def train_batches(self) -> Iterator[dict]:
+        return (self.batch(step) for step in itertools.count(self.step))
+
+    def eval_split(self) -> str:
+        return self.config.dataset.eval_split
+
+    def test_split(self) -> str:
+        return "test"
+
+    def evaluate(self, state, split: str) -> dict:
+        return evaluate(self, state, split)
+
+    def train_fields(self, values: list[dict], step: int) -> dict:
+        """The train record's losses and RoI accuracy from the train steps' metrics."""
+        return {
+            "loss": float(np.mean([v["loss"] for v in values])),
+            "cls_loss": float(np.mean([v["cls"] for v in values])),
+            "bbox_loss": float(np.mean([v["bbox"] for v in values])),
+            "roi_accuracy": float(
+                sum(v["correct"] for v in values) / sum(v["count"] for v in values)
+            ),
+        }
+
+    def results(self, step: int, record, final_eval: dict, final_test: dict, best_test: dict):
+        """results.json: AP of the final and best states on the test scenes, test images/s,
+        training RoIs/s and images/s (scenes for Fast R-CNN, warped regions for R-CNN)."""
+        config, split = self.config, self.config.dataset.eval_split
+        rate = statistics.median(record.rates) if record.rates else None
+        return {
+            "method": config.detection.mode,
+            "model": config.model.name,
+            "scenes": config.dataset.name,
+            "seed": config.seed,
+            "steps": step,
+            "final": {"test": final_test},
+            "best": {
+                "step": record.best["step"],
+                split: {"ap50": record.best["ap50"]},
+                "test": best_test,
+            },
+            **{k: final_test[k] for k in ("ap", "ap50", "ap75", "voc07_map")},
+            "test_images_per_s": final_test["images_per_s"],
+            "test_flops_per_image": test_flops_per_image(self.specs, config),
+            "train_rois_per_s": rate,
+            "train_images_per_s": (
+                rate * images_per_step(config) / rois_per_step(config) if rate else None
+            ),
+            "params": model_summary.to_json(self.specs)["total_params"],
+            "train_seconds": record.train_seconds,
+            "compile_seconds": self.compile_seconds,
+            "proposal_seconds": self.proposal_seconds,
+            "skipped_updates": record.skipped_updates,
+        }
 
     def batch(self, step: int) -> dict:
         """The training batch of step `step` (0-based), on the devices."""
@@ -202,6 +261,16 @@ class Run:
 def rois_per_step(config: ml_collections.ConfigDict) -> int:
     """The RoIs of one training step (both modes): training.batch_size x rois_per_image."""
     return config.training.batch_size * config.detection.rois_per_image
+
+
+def test_flops_per_image(specs: list, config: ml_collections.ConfigDict) -> int:
+    """The network's FLOPs per test image (from the specs): R-CNN runs every layer once per
+    proposal (detection.test_proposals); Fast R-CNN its backbone once per image and the layers
+    from the RoI pooling on once per proposal."""
+    proposals = config.detection.test_proposals
+    names = [s.name for s in specs]
+    at = names.index(fast_rcnn.ROI_POOL) if config.detection.mode == "fast_rcnn" else 0
+    return sum(s.flops for s in specs[:at]) + proposals * sum(s.flops for s in specs[at:])
 
 
 def images_per_step(config: ml_collections.ConfigDict) -> int:
@@ -387,17 +456,9 @@ def setup(
     compiled steps (the train step only with `train`)."""
     specs = validate(config)
     runtime.warn_about_hardware(config.model.dtype)
-    lock = None
-    if workdir is not None:
-        workdir, lock = workdir_lib.prepare(config, workdir, lock=jax.process_index() == 0)
-    try:
-        run = _build(config, specs, workdir, restore, train)
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        raise
-    run.lock = lock
-    return run
+    return setup_lib.with_workdir(
+        config, workdir, lambda path: _build(config, specs, path, restore, train)
+    )
 
 
 def _build(config, specs, workdir, restore, train) -> Run:
@@ -427,25 +488,16 @@ def _build(config, specs, workdir, restore, train) -> Run:
     pixels = data_splits["train"].images.reshape(-1, data_splits["train"].images.shape[-1])
     mean = (pixels.mean(axis=0) / 255.0).astype(np.float32)
     std = (pixels.std(axis=0) / 255.0 + 1e-3).astype(np.float32)
-    checkpoints = None
-    if workdir is not None:
-        if jax.process_index() == 0:
-            workdir_lib.write_run_files(workdir, config, specs)
-        checkpoints = ckpt_lib.Checkpoints(workdir, keep=config.training.keep_checkpoints)
-        if checkpoints.latest_step() is not None:
-            restore = checkpoints.restore
+    checkpoints, restore = setup_lib.open_checkpoints(config, workdir, specs, restore)
     init, structure = _init_program(config, specs, mesh)
-    step, meta, state = 0, {}, None
-    if restore is not None:
-        abstract = jax.eval_shape(init)
-        try:
-            step, state, meta = restore(abstract)
-        except ckpt_lib.NoReadableCheckpoint as e:
-            logging.warning("%s; starting from step 0", e)
-    if state is None:
+
+    def create():
         state = init()
         if d.backbone_workdir:
             state = with_pretrained_backbone(state, d.backbone_workdir, config, specs, mesh)
+        return state
+
+    step, state, meta = setup_lib.initial_state(restore, lambda: jax.eval_shape(init), create)
     graphdef = structure["graphdef"]
     which = ("train", "predict") if train else ("predict",)
     train_fn, predict_fn, seconds = _compile(config, specs, graphdef, state, mesh, mean, std, which)
@@ -531,149 +583,11 @@ def evaluate(run: Run, state, split: str) -> dict:
     }
 
 
-# --- the loop -----------------------------------------------------------------------------------
+# --- training: the training library's loop ---------------------------------------------------
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """Trains and evaluates the configured detector; returns the results also written to
-    results.json. Resumes from the latest checkpoint in `workdir`; the workdir is locked."""
-    run = setup(config, workdir=workdir)
-    try:
-        return _train(run)
-    finally:
-        if run.lock is not None:
-            run.lock.release()
-
-
-def _flush(run: Run, pending: list, record: loop_lib.LoopRecord, tick, step, last_saved):
-    """The train record of the steps in `pending` (one host sync); stops or counts a
-    non-finite loss as `training.on_nonfinite_loss` says."""
-    t = run.config.training
-    values = jax.device_get([m for _, m in pending])
-    for (s, _), v in zip(pending, values, strict=True):
-        if v["nonfinite"]:
-            if t.on_nonfinite_loss == "stop":
-                raise loop_lib.Diverged(
-                    f"the loss became {v['loss']} at step {s}; training stopped (last "
-                    f"checkpoint: step {last_saved}): lower optimizer.learning_rate, or set "
-                    "training.on_nonfinite_loss=skip."
-                )
-            record.skipped_updates += 1
-    now = time.perf_counter()
-    record.train_seconds += now - tick[0]
-    steps_per_s = (step - tick[1]) / max(now - tick[0], 1e-9)
-    rate = steps_per_s * rois_per_step(run.config)
-    record.rates.append(rate)
-    good = [v for v in values if not v["nonfinite"]] or values
-    return {
-        "step": step,
-        "split": "train",
-        "loss": float(np.mean([v["loss"] for v in good])),
-        "cls_loss": float(np.mean([v["cls"] for v in good])),
-        "bbox_loss": float(np.mean([v["bbox"] for v in good])),
-        "roi_accuracy": float(sum(v["correct"] for v in good) / sum(v["count"] for v in good)),
-        "learning_rate": float(optim.make_schedule(run.config)(step - 1)),
-        "rois_per_s": rate,
-        "images_per_s": steps_per_s * images_per_step(run.config),
-        "wall_time": time.time(),
-        "skipped_updates": record.skipped_updates,
-    }
-
-
-def _train(run: Run) -> dict:
-    config, t = run.config, run.config.training
-    split = config.dataset.eval_split
-    chief = jax.process_index() == 0
-    writer = metrics_lib.MetricsWriter(run.workdir, enabled=chief)
-    writer.truncate_after(run.step)
-    progress = metrics_lib.Progress(t.num_steps, run.step, mode=t.progress, enabled=chief)
-    record = loop_lib.LoopRecord.from_meta(run.meta)
-    if not run.meta:
-        record.best = {"ap50": -1.0, "step": None}
-    preemption = loop_lib.Preemption()
-    state, step, last_saved, final_eval, pending = run.state, run.step, run.step, None, []
-    tick = [time.perf_counter(), step]
-    try:
-        while step < t.num_steps:
-            state, metrics = run.train_step(state, run.batch(step))
-            step += 1
-            pending.append((step, metrics))
-            due = loop_lib.itstime(step, t.checkpoint_every_steps, t.num_steps)
-            stopping = preemption.requested
-            if loop_lib.itstime(step, t.log_every_steps, t.num_steps) or due or stopping:
-                train_record = _flush(run, pending, record, tick, step, last_saved)
-                pending = []
-                tick[:] = [time.perf_counter(), step]
-                writer.write(train_record)
-                progress.update(step, loss=train_record["loss"])
-            is_best = False
-            if loop_lib.itstime(step, t.eval_every_steps, t.num_steps):
-                final_eval = evaluate(run, state, split)
-                writer.write(
-                    {"step": step, "split": split, **_scalars(final_eval), "wall_time": time.time()}
-                )
-                is_best = final_eval["ap50"] > record.best["ap50"]
-                if is_best:
-                    record.best = {"ap50": final_eval["ap50"], "step": step}
-                tick[:] = [time.perf_counter(), step]  # evaluation time is not training time
-            if due or stopping or is_best:
-                run.checkpoints.save(step, state, record.to_meta(), best=is_best)
-                last_saved = step
-            if stopping and step < t.num_steps:
-                raise loop_lib.Preempted(step, stopping)
-    except BaseException:
-        loop_lib._close_after_error(run, writer, progress)
-        raise
-    finally:
-        preemption.restore()
-    progress.close()
-    return _finish(run, state, step, record, final_eval, writer)
-
-
-def _scalars(result: dict) -> dict:
-    return {k: v for k, v in result.items() if isinstance(v, int | float)}
-
-
-def _finish(run: Run, state, step, record, final_eval, writer) -> dict:
-    config = run.config
-    run.checkpoints.wait()
-    split = config.dataset.eval_split
-    if final_eval is None:  # killed after the last checkpoint, before results.json
-        final_eval = evaluate(run, state, split)
-    final_test = final_eval if split == "test" else evaluate(run, state, "test")
-    best_state = run.checkpoints.restore(abstract_like(state), "best")[1]
-    best_test = evaluate(run, best_state, "test")
-    run.checkpoints.close()
-    summary = model_summary.to_json(run.specs)
-    results = {
-        "method": config.detection.mode,
-        "model": config.model.name,
-        "scenes": config.dataset.name,
-        "seed": config.seed,
-        "steps": step,
-        "final": {"test": final_test},
-        "best": {
-            "step": record.best["step"],
-            split: {"ap50": record.best["ap50"]},
-            "test": best_test,
-        },
-        **{k: final_test[k] for k in ("ap", "ap50", "ap75", "voc07_map")},
-        "test_images_per_s": final_test["images_per_s"],
-        # RoIs/s of training (record.rates); images/s: scenes (Fast R-CNN) or warped regions
-        # (R-CNN) through the network
-        "train_rois_per_s": statistics.median(record.rates) if record.rates else None,
-        "train_images_per_s": (
-            statistics.median(record.rates) * images_per_step(config) / rois_per_step(config)
-            if record.rates
-            else None
-        ),
-        "params": summary["total_params"],
-        "train_seconds": record.train_seconds,
-        "compile_seconds": run.compile_seconds,
-        "skipped_updates": record.skipped_updates,
-    }
-    writer.write({"step": step, "split": "test", **_scalars(final_test), "wall_time": time.time()})
-    writer.close()
-    if jax.process_index() == 0:
-        (run.workdir / "results.json").write_text(json.dumps(results, indent=2))
-    return results
+    """Trains and evaluates the configured detector with `training.loop`; returns the
+    results also written to results.json. Resumes from the latest checkpoint in `workdir`;
+    the workdir is locked."""
+    return loop_lib.train_and_evaluate(config, workdir, prepare=setup)

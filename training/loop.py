@@ -1,10 +1,25 @@
 """The training loop: steps, logs, evaluations and checkpoints until `training.num_steps`.
 
     results = train_and_evaluate(config, workdir)   # resumes from the workdir's checkpoint
+    results = train_and_evaluate(config, workdir, prepare=detection.train.setup)
 
 The loop's bookkeeping is one small record (`LoopRecord`), saved with every checkpoint, so a
 resumed run ends with the same totals as an uninterrupted one; `itstime` says when to log,
 evaluate and checkpoint.
+
+The loop trains a *run*: what `prepare(config, workdir=...)` returns, `training.setup.Setup`
+for classification (`detection.train.Run` for detection). Besides Setup's config, step, meta,
+workdir, checkpoints, lock and compile_seconds, a run provides what differs between tasks:
+
+    train_step(state, inputs) -> (state, metrics)   metrics hold at least loss and nonfinite
+    train_batches()                     the train step's inputs, from the run's step on
+    eval_split(), test_split()          what `evaluate` takes: the periodic and final splits
+    evaluate(state, split) -> dict      the measures; their numbers go to metrics.jsonl
+    best_measures                       (name, ...): the first, higher is better, picks the
+                                        best checkpoint; all are kept in the loop record
+    throughput                          (name, examples per step) of the logged rate
+    train_fields(values, step) -> dict  the train record's fields from the steps' metrics
+    results(step, record, final_eval, final_test, best_test) -> dict   results.json
 """
 
 from __future__ import annotations
@@ -12,9 +27,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import signal
-import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import ml_collections
@@ -22,11 +38,13 @@ import numpy as np
 from absl import logging
 
 from errors import UserError
-from models import summary as model_summary
 from training import metrics as metrics_lib
 from training import optim
-from training.setup import Setup, setup
+from training.setup import setup
 from training.state import abstract_like
+
+# what the loop trains: training.setup.Setup, or another task's run (see the module docstring)
+Run = Any
 
 
 class Diverged(UserError):
@@ -104,7 +122,7 @@ class TrainLog:
     """Collects the step metrics between logs (read with one host sync at `flush`), and turns
     them into metrics.jsonl's train records; stops on a non-finite loss if the config says so."""
 
-    def __init__(self, s: Setup, record: LoopRecord):
+    def __init__(self, s: Run, record: LoopRecord):
         self.s, self.record = s, record
         self.schedule = optim.make_schedule(s.config)
         self.pending: list[tuple[int, dict]] = []
@@ -141,28 +159,33 @@ class TrainLog:
                 self.record.skipped_updates += 1
         now = time.perf_counter()
         self.record.train_seconds += now - self.tick
-        rate = (step - self.tick_step) * t.batch_size / max(now - self.tick, 1e-9)
+        name, per_step = self.s.throughput
+        rate = (step - self.tick_step) * per_step / max(now - self.tick, 1e-9)
         self.pause(step)
         self.record.rates.append(rate)
         good = [v for v in values if not v["nonfinite"]] or values
         return {
             "step": step,
-            "epoch": step * t.batch_size / len(self.s.splits.train.labels),
             "split": "train",
-            "loss": float(np.mean([v["loss"] for v in good])),
-            "accuracy": float(np.sum([v["correct"] for v in good])) / (len(good) * t.batch_size),
+            **self.s.train_fields(good, step),
             "learning_rate": float(self.schedule(step - 1)),
-            "images_per_s": rate,
+            name: rate,
             "wall_time": time.time(),
             "skipped_updates": self.record.skipped_updates,
         }
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    prepare: Callable[..., Run] = setup,
+) -> dict:
     """Trains and evaluates the configured model; returns the results also written to
     results.json. Resumes from the latest checkpoint in `workdir` when there is one. The
-    workdir is locked for this run (another run there gets one line naming this one)."""
-    s = setup(config, workdir=workdir)
+    workdir is locked for this run (another run there gets one line naming this one).
+    `prepare(config, workdir=)`: the task's set-up (default: classification's)."""
+    s = prepare(config, workdir=workdir)
     try:
         return _train(s)
     finally:
@@ -170,7 +193,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             s.lock.release()
 
 
-def _train(s: Setup) -> dict:
+def _numbers(result: dict) -> dict:
+    """The measures of an evaluation that metrics.jsonl and TensorBoard take: its numbers."""
+    return {k: v for k, v in result.items() if isinstance(v, int | float)}
+
+
+def _train(s: Run) -> dict:
     config = s.config
     if s.step:
         logging.info("resuming from the checkpoint of step %d", s.step)
@@ -180,6 +208,7 @@ def _train(s: Setup) -> dict:
     writer.truncate_after(s.step)
     progress = metrics_lib.Progress(t.num_steps, s.step, mode=t.progress, enabled=chief)
     record = LoopRecord.from_meta(s.meta)
+    best_key = s.best_measures[0]
     log, batches, preemption = TrainLog(s, record), s.train_batches(), Preemption()
     state, step, last_saved, final_eval = s.state, s.step, s.step, None
     try:
@@ -192,7 +221,8 @@ def _train(s: Setup) -> dict:
             if itstime(step, t.log_every_steps, t.num_steps) or checkpoint_due or stopping:
                 train_record = log.flush(step, last_saved)
                 writer.write(train_record)
-                progress.update(step, loss=train_record["loss"], accuracy=train_record["accuracy"])
+                shown = {k: train_record[k] for k in ("loss", "accuracy") if k in train_record}
+                progress.update(step, **shown)
             is_best = False
             if itstime(step, t.eval_every_steps, t.num_steps):
                 final_eval = s.evaluate(state, s.eval_split())
@@ -200,13 +230,13 @@ def _train(s: Setup) -> dict:
                     {
                         "step": step,
                         "split": config.dataset.eval_split,
-                        **final_eval,
+                        **_numbers(final_eval),
                         "wall_time": time.time(),
                     }
                 )
-                is_best = final_eval["accuracy"] > record.best["accuracy"]
+                is_best = final_eval[best_key] > record.best.get(best_key, -np.inf)
                 if is_best:
-                    record.best = {k: final_eval[k] for k in ("accuracy", "loss")} | {"step": step}
+                    record.best = {k: final_eval[k] for k in s.best_measures} | {"step": step}
                 log.pause(step)  # evaluation time is not training time
             if checkpoint_due or stopping or is_best:
                 s.checkpoints.save(step, state, record.to_meta(), best=is_best)
@@ -222,7 +252,7 @@ def _train(s: Setup) -> dict:
     return finish(s, state, step, record, final_eval, writer)
 
 
-def _close_after_error(s: Setup, writer, progress) -> None:
+def _close_after_error(s: Run, writer, progress) -> None:
     """Whatever stops the loop, checkpoints already started must reach the disk."""
     try:
         s.checkpoints.close()
@@ -232,7 +262,7 @@ def _close_after_error(s: Setup, writer, progress) -> None:
     progress.close()
 
 
-def _best_state(s: Setup, state, record: LoopRecord):
+def _best_state(s: Run, state, record: LoopRecord):
     """The best checkpoint's state; when its own copy is missing or unreadable (a full disk
     while copying it, a damaged file), the same step among the latest checkpoints."""
     try:
@@ -244,41 +274,22 @@ def _best_state(s: Setup, state, record: LoopRecord):
         return s.checkpoints.restore(abstract_like(state), record.best["step"])[1]
 
 
-def finish(s: Setup, state, step: int, record: LoopRecord, final_eval, writer) -> dict:
+def finish(s: Run, state, step: int, record: LoopRecord, final_eval, writer) -> dict:
     """Evaluates the final and the best state on the test split; returns the results and
     writes them to results.json (and the final test record to metrics.jsonl)."""
-    config = s.config
     s.checkpoints.wait()
-    split = config.dataset.eval_split
     if final_eval is None:  # killed after the last checkpoint, before results.json
         final_eval = s.evaluate(state, s.eval_split())
-    final_test = final_eval if split == "test" else s.evaluate(state, s.splits.test)
+    if s.config.dataset.eval_split == "test":
+        final_test = final_eval
+    else:
+        final_test = s.evaluate(state, s.test_split())
     best_state = _best_state(s, state, record)
-    best_test = s.evaluate(best_state, s.splits.test)
+    best_test = s.evaluate(best_state, s.test_split())
     s.checkpoints.close()
-    summary = model_summary.to_json(s.specs)
-    results = {
-        "model": config.model.name,
-        "dataset": config.dataset.name,
-        "seed": config.seed,
-        "steps": step,
-        "eval_split": split,
-        "final": {split: final_eval, "test": final_test},
-        "best": {
-            "step": record.best["step"],
-            split: {k: record.best[k] for k in ("accuracy", "loss")},
-            "test": best_test,
-        },
-        "test_accuracy": final_test["accuracy"],
-        "params": summary["total_params"],
-        "flops_per_image": summary["total_flops"],
-        "train_seconds": record.train_seconds,
-        "images_per_s": statistics.median(record.rates) if record.rates else None,
-        "compile_seconds": s.compile_seconds,
-        "skipped_updates": record.skipped_updates,
-    }
+    results = s.results(step, record, final_eval, final_test, best_test)
     # when eval_split is 'test', the last periodic evaluation already wrote this record
-    writer.write({"step": step, "split": "test", **final_test, "wall_time": time.time()})
+    writer.write({"step": step, "split": "test", **_numbers(final_test), "wall_time": time.time()})
     writer.close()
     if record.skipped_updates:
         logging.warning(

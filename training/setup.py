@@ -12,13 +12,15 @@ mistake costs one line in the first second.
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -28,6 +30,7 @@ import models
 from configs import schema
 from data import batches as batches_lib
 from errors import UserError
+from models import summary as model_summary
 from training import checkpoint as ckpt_lib
 from training import runtime
 from training import state as state_lib
@@ -36,6 +39,7 @@ from training import workdir as workdir_lib
 
 # restore(abstract state) -> (step, state, meta): how a caller chooses the checkpoint to read
 Restore = Callable[[Any], tuple[int, Any, dict]]
+R = TypeVar("R")
 
 
 @dataclasses.dataclass
@@ -68,6 +72,8 @@ class Setup:
     on_device: bool = False
     device_train: dict | None = None
     device_eval: dict = dataclasses.field(default_factory=dict)
+    # the loop's task members (training.loop): the best checkpoint is the most accurate
+    best_measures: ClassVar[tuple[str, ...]] = ("accuracy", "loss")
 
     @property
     def batch_sharding(self) -> NamedSharding:
@@ -99,6 +105,48 @@ class Setup:
         """The split the periodic evaluation uses (config.dataset.eval_split)."""
         validation = self.config.dataset.eval_split == "validation"
         return self.splits.validation if validation else self.splits.test
+
+    def test_split(self) -> data.Split:
+        return self.splits.test
+
+    @property
+    def throughput(self) -> tuple[str, int]:
+        """The training rate the loop logs: images per second, batch_size per step."""
+        return "images_per_s", self.config.training.batch_size
+
+    def train_fields(self, values: list[dict], step: int) -> dict:
+        """The train record's epoch, loss and accuracy from the train steps' metrics."""
+        batch_size = self.config.training.batch_size
+        return {
+            "epoch": step * batch_size / len(self.splits.train.labels),
+            "loss": float(np.mean([v["loss"] for v in values])),
+            "accuracy": float(np.sum([v["correct"] for v in values])) / (len(values) * batch_size),
+        }
+
+    def results(self, step: int, record, final_eval: dict, final_test: dict, best_test: dict):
+        """results.json: the final and best evaluations, size, cost and speed of the run."""
+        config, split = self.config, self.config.dataset.eval_split
+        summary = model_summary.to_json(self.specs)
+        return {
+            "model": config.model.name,
+            "dataset": config.dataset.name,
+            "seed": config.seed,
+            "steps": step,
+            "eval_split": split,
+            "final": {split: final_eval, "test": final_test},
+            "best": {
+                "step": record.best["step"],
+                split: {k: record.best[k] for k in ("accuracy", "loss")},
+                "test": best_test,
+            },
+            "test_accuracy": final_test["accuracy"],
+            "params": summary["total_params"],
+            "flops_per_image": summary["total_flops"],
+            "train_seconds": record.train_seconds,
+            "images_per_s": statistics.median(record.rates) if record.rates else None,
+            "compile_seconds": self.compile_seconds,
+            "skipped_updates": record.skipped_updates,
+        }
 
     def evaluate(self, state, split: data.Split) -> dict:
         """Returns {'loss', 'accuracy', 'count'} of `state` over `split` by the eval step.
@@ -183,22 +231,72 @@ def setup(
     `splits`: the config's data, already loaded (a benchmark timing many configs of one
     dataset); by default `data.load` reads it. Raises UserError naming the first problem.
     """
+    if "detection" in config:  # configs/detection.py: would train a classifier, silently
+        raise UserError(
+            "this is a detection config (configs/detection.py): train it with `python -m "
+            "detection train`, or its experiment with `python -m experiments.detection run`"
+        )
     if distributed:
         runtime.maybe_initialize_distributed(config.distributed)
     info, specs = schema.validate(config)
     check_batch_sizes(config)
     runtime.warn_about_hardware(config.model.dtype)
+    return with_workdir(
+        config,
+        workdir,
+        lambda path: _build(
+            config, info, specs, path, restore, steps, init_compiler_options, splits
+        ),
+    )
+
+
+def with_workdir(
+    config: ml_collections.ConfigDict, workdir: str | Path | None, build: Callable[[Path | None], R]
+) -> R:
+    """Returns `build(workdir)` with the workdir created or checked against its config.json
+    and locked by process 0 (training.workdir); the lock is the result's `lock` (released
+    when the run ends), released at once if `build` fails. No workdir: build(None)."""
     lock = None
     if workdir is not None:
         workdir, lock = workdir_lib.prepare(config, workdir, lock=jax.process_index() == 0)
     try:
-        s = _build(config, info, specs, workdir, restore, steps, init_compiler_options, splits)
+        run = build(workdir)
     except BaseException:
         if lock is not None:
             lock.release()
         raise
-    s.lock = lock
-    return s
+    run.lock = lock
+    return run
+
+
+def open_checkpoints(
+    config: ml_collections.ConfigDict, workdir: Path | None, specs, restore: Restore | None
+) -> tuple[ckpt_lib.Checkpoints | None, Restore | None]:
+    """Returns (checkpoints, restore) of a training run: with a workdir, its run files written
+    (process 0), its Checkpoints, and the restore of its latest checkpoint when it has one
+    (else `restore`); without one, (None, `restore`)."""
+    if workdir is None:
+        return None, restore
+    if jax.process_index() == 0:
+        workdir_lib.write_run_files(workdir, config, specs)
+    checkpoints = ckpt_lib.Checkpoints(workdir, keep=config.training.keep_checkpoints)
+    if checkpoints.latest_step() is not None:
+        restore = checkpoints.restore
+    return checkpoints, restore
+
+
+def initial_state(
+    restore: Restore | None, abstract: Callable[[], Any], create: Callable[[], Any]
+) -> tuple[int, Any, dict]:
+    """Returns (step, state, meta): what `restore(abstract())` reads, or (0, create(), {})
+    without `restore` or when every checkpoint is damaged (a warning: training starts
+    afresh). `abstract` and `create` are only called when needed."""
+    if restore is not None:  # no initial state to compute
+        try:
+            return restore(abstract())
+        except ckpt_lib.NoReadableCheckpoint as e:
+            logging.warning("%s; starting from step 0", e)
+    return 0, create(), {}
 
 
 def _build(config, info, specs, workdir, restore, steps, init_compiler_options, splits) -> Setup:
@@ -212,26 +310,24 @@ def _build(config, info, specs, workdir, restore, steps, init_compiler_options, 
             process_count=jax.process_count(),
         )
     data_seconds = time.perf_counter() - start
-    checkpoints = None
-    if workdir is not None:
-        if jax.process_index() == 0:
-            workdir_lib.write_run_files(workdir, config, specs)
-        checkpoints = ckpt_lib.Checkpoints(workdir, keep=config.training.keep_checkpoints)
-        if checkpoints.latest_step() is not None:
-            restore = checkpoints.restore
+    checkpoints, restore = open_checkpoints(config, workdir, specs, restore)
     start = time.perf_counter()
-    step, meta, state = 0, {}, None
-    if restore is not None:  # no initial state to compute
-        graphdef, abstract = state_lib.abstract_train_state(config, info, mesh)
-        try:
-            step, state, meta = restore(abstract)
-        except ckpt_lib.NoReadableCheckpoint as e:  # every checkpoint damaged: start afresh
-            logging.warning("%s; starting from step 0", e)
-    if state is None:
+    graphdefs = []  # the model's structure, from whichever of the two is called last
+
+    def abstract():
+        graphdef, abstract_state = state_lib.abstract_train_state(config, info, mesh)
+        graphdefs.append(graphdef)
+        return abstract_state
+
+    def create():
         graphdef, state = state_lib.create_train_state(
             config, info, mesh, compiler_options=init_compiler_options
         )
-        jax.block_until_ready(state)
+        graphdefs.append(graphdef)
+        return jax.block_until_ready(state)
+
+    step, state, meta = initial_state(restore, abstract, create)
+    graphdef = graphdefs[-1]
     init_seconds = time.perf_counter() - start
     on_device, why = resolve_on_device(config.dataset.get("on_device", "auto"), splits)
     logging.info("dataset on the devices: %s (%s)", "yes" if on_device else "no", why)
