@@ -16,7 +16,14 @@ from typing import Any
 
 from errors import UserError
 
-NAMES = ("families", "pooling_vs_strided", "resnet_depth", "weight_sharing", "seed_claims")
+NAMES = (
+    "families",
+    "pooling_vs_strided",
+    "resnet_depth",
+    "weight_sharing",
+    "seed_claims",
+    "detection",
+)
 VARIANTS = ("small", "fashion_mnist", "cifar10")
 CONFIG_FILES = {
     "small": "configs/builtin.py",
@@ -116,6 +123,11 @@ def epochs_budget(epochs: int, steps_per_epoch: int) -> dict[str, int]:
         "training.checkpoint_every_steps": steps_per_epoch,
         "schedule.warmup_steps": steps_per_epoch,
     }
+
+
+def variants(name: str) -> tuple[str, ...]:
+    """The variants experiment `name` defines: its file's VARIANTS, by default all."""
+    return getattr(importlib.import_module(f"experiments.{name}"), "VARIANTS", VARIANTS)
 
 
 def get(spec: str) -> Experiment:

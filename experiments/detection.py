@@ -1,0 +1,320 @@
+"""detection: R-CNN against Fast R-CNN on the same scenes, proposals, network and budget.
+
+    python -m experiments.detection run detection:small           # built-in scenes, CPU minutes
+    python -m experiments.detection run detection:fashion_mnist   # Fashion-MNIST scenes (GPU)
+    python -m experiments.detection report detection:small        # from finished runs
+    [--output=DIR] [--seeds=0,1] [--only=rcnn]                    # default runs/NAME_VARIANT
+
+Both methods train the `pooled_max` preset from random weights (the papers start from
+ImageNet classifiers) on the same scenes, with the same selective-search proposals, optimizer,
+number of steps and 128 RoIs per step, 25 % of them foreground (R-CNN's 32 + 96, Fast R-CNN's
+2 x 64), and are tested on the same test scenes with the same per-class NMS and AP code. What
+differs is the method: R-CNN warps every proposal to the classifier's input (32 x 32 on the
+built-in scenes, 28 x 28 on Fashion-MNIST's) and runs the whole network on each; Fast R-CNN
+runs the convolutional layers once per image and RoI-max-pools every proposal from the map.
+
+Detection runs are not classification runs, so this module trains and reports them itself
+(`detection.train`; the generic `python -m experiments` refuses a detection config). The
+report (report.md, results.json, ap.png) has the AP figures (COCO AP@[.5:.95], AP50, AP75,
+VOC 2007 11-point mAP, per-class AP), the test images/s of each method and their ratio, and
+the training RoIs/s and images/s.
+"""
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from errors import UserError
+from experiments import Experiment, Run, with_seeds
+from experiments.runner import TRAINED, build_config, config_mismatch, run_dir
+
+QUESTION = (
+    "On the same scenes, proposals, network and training budget, how do R-CNN (every "
+    "proposal warped and classified on its own) and Fast R-CNN (one feature map per image, "
+    "RoI max pooling) compare in detection AP, and how much faster is Fast R-CNN at test time "
+    "(the paper's target here: at least 20x)?"
+)
+PRESET = "pooled_max"
+METHODS = {"rcnn": "R-CNN", "fast_rcnn": "Fast R-CNN"}  # row name (detection.mode): label
+SCENES = {"small": "builtin", "fashion_mnist": "fashion_mnist"}
+BUDGETS = {
+    # ~3 CPU minutes per method on 2 cores, plus ~0.3 s per scene once for the proposals
+    "small": {
+        "detection.train_scenes": 200,
+        "detection.test_scenes": 50,
+        "training.num_steps": 400,
+        "training.eval_every_steps": 200,
+        "training.checkpoint_every_steps": 200,
+        "training.log_every_steps": 50,
+        "schedule.warmup_steps": 20,
+    },
+    # the config's scenes (1,000 train, 200 test) and proposals (upscaled 2x: recall@0.5 0.99)
+    "fashion_mnist": {
+        "training.num_steps": 3_000,
+        "training.eval_every_steps": 500,
+        "training.checkpoint_every_steps": 500,
+    },
+}
+SEEDS = {"small": (0,), "fashion_mnist": (0, 1, 2)}
+VARIANTS = tuple(BUDGETS)  # no cifar10: there are no CIFAR scenes
+# the papers' VOC 2007 test mAP (with bounding-box regression), for the report
+PAPERS = {
+    "rcnn": "58.5 (AlexNet, ImageNet pre-training; Girshick et al. 2014, table 1)",
+    "fast_rcnn": "66.9 (VGG16, ImageNet pre-training; Girshick 2015, table 1)",
+}
+
+
+def get_experiment(variant: str = "small") -> Experiment:
+    """The experiment's runs on `variant` (small: built-in scenes; fashion_mnist)."""
+    if variant not in BUDGETS:
+        raise UserError(f"unknown variant detection:{variant}; choose one of {', '.join(BUDGETS)}")
+    runs = tuple(
+        Run(mode, f"configs/detection.py:{PRESET},{SCENES[variant]},{mode}", BUDGETS[variant])
+        for mode in METHODS
+    )
+    return Experiment("detection", QUESTION, runs, SEEDS[variant])
+
+
+def run_missing(experiment: Experiment, output: Path, only: tuple[str, ...] = ()) -> list[Path]:
+    """Trains every run (or those named in `only`) without a results.json, resuming an
+    interrupted one; returns their workdirs. A folder holding another config's finished run
+    is refused with one line."""
+    from detection import train as detection_train
+
+    names = [run.name for run in experiment.runs]
+    if any(name not in names for name in only):
+        raise UserError(f"--only names no run of detection; its runs are {', '.join(names)}")
+    touched = []
+    for run in experiment.runs:
+        if only and run.name not in only:
+            continue
+        for seed in experiment.seeds:
+            workdir = run_dir(output, run, seed)
+            if (workdir / TRAINED).exists():
+                differences = config_mismatch(workdir, run, seed)
+                if differences:
+                    raise UserError(
+                        f"{workdir} holds a finished run of another config than {run.name} "
+                        f"seed {seed} ({'; '.join(differences)}); move it aside or use "
+                        "another --output."
+                    )
+                continue
+            detection_train.train_and_evaluate(build_config(run, seed), workdir)
+            touched.append(workdir)
+    return touched
+
+
+def collect(experiment: Experiment, output: Path) -> list[dict]:
+    """One row per run with finished seeds: its name and each seed's results.json."""
+    rows = []
+    for run in experiment.runs:
+        seeds = []
+        for seed in experiment.seeds:
+            path = run_dir(output, run, seed) / TRAINED
+            if path.exists() and not config_mismatch(path.parent, run, seed):
+                seeds.append(json.loads(path.read_text()))
+        if seeds:
+            rows.append({"name": run.name, "config": run.config, "seeds": seeds})
+    return rows
+
+
+MEASURES = (  # (results.json key, column, scale, digits)
+    ("ap50", "AP50", 100, 1),
+    ("ap", "AP@[.5:.95]", 100, 1),
+    ("ap75", "AP75", 100, 1),
+    ("voc07_map", "VOC07 mAP", 100, 1),
+    ("test_images_per_s", "test images/s", 1, 1),
+    ("test_flops_per_image", "test GFLOPs/image", 1e-9, 2),
+    ("train_rois_per_s", "train RoIs/s", 1, 0),
+    ("train_images_per_s", "train images/s", 1, 1),
+    ("params", "params", 1, 0),
+    ("train_seconds", "train s", 1, 0),
+)
+
+
+def _mean(row: dict, key: str) -> float:
+    return statistics.fmean(seed[key] for seed in row["seeds"])
+
+
+def _cell(row: dict, key: str, scale: float, digits: int) -> str:
+    values = [scale * seed[key] for seed in row["seeds"]]
+    mean = statistics.fmean(values)
+    spread = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
+    return f"{mean:,.{digits}f}{spread}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The rows' mean (± sample std over seeds) of every measure, as a Markdown table."""
+    head = "| method | seeds | " + " | ".join(m[1] for m in MEASURES) + " |"
+    lines = [head, "|" + "---|" * (len(MEASURES) + 2)]
+    for row in rows:
+        cells = [_cell(row, key, scale, digits) for key, _, scale, digits in MEASURES]
+        label = METHODS.get(row["name"], row["name"])
+        lines.append(f"| {label} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ratio(rows: list[dict], key: str) -> float | None:
+    """Fast R-CNN's mean `key` over R-CNN's (None unless both ran)."""
+    by_name = {row["name"]: row for row in rows}
+    if not set(METHODS) <= set(by_name):
+        return None
+    return _mean(by_name["fast_rcnn"], key) / _mean(by_name["rcnn"], key)
+
+
+def plot(rows: list[dict], output: Path) -> Path:
+    """ap.png: per-class VOC 2007 AP of each method (mean over seeds), and their AP50."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes = list(rows[0]["seeds"][0]["final"]["test"]["per_class_voc07_ap"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [4, 1]})
+    width = 0.8 / len(rows)
+    for i, row in enumerate(rows):
+        per_class = [
+            statistics.fmean(s["final"]["test"]["per_class_voc07_ap"][c] for s in row["seeds"])
+            for c in classes
+        ]
+        label = METHODS.get(row["name"], row["name"])
+        left.bar([j + i * width for j in range(len(classes))], per_class, width, label=label)
+        right.bar(i, _mean(row, "ap50"), 0.6, label=label)
+    left.set_xticks([j + 0.4 - width / 2 for j in range(len(classes))], classes, rotation=45)
+    left.set_ylabel("VOC 2007 AP (IoU 0.5)")
+    left.set_ylim(0, 1)
+    left.legend()
+    right.set_xticks(range(len(rows)), [METHODS.get(row["name"], row["name"]) for row in rows])
+    right.set_ylabel("AP50 (COCO)")
+    right.set_ylim(0, 1)
+    fig.tight_layout()
+    path = Path(output) / "ap.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(experiment: Experiment, output: Path, spec: str) -> str:
+    """Writes report.md, results.json (the collected numbers) and ap.png; returns the table
+    and the speed-up line."""
+    output = Path(output)
+    rows = collect(experiment, output)
+    if not rows:
+        raise UserError(
+            f"no finished run of {spec} in {output} yet: nothing to report. Run "
+            f"`python -m experiments.detection run {spec} --output={output}` first."
+        )
+    speed, flops = ratio(rows, "test_images_per_s"), ratio(rows, "test_flops_per_image")
+    verdict = (
+        f"Fast R-CNN tests **{speed:.1f}x** as many images per second as R-CNN (target: >= "
+        f"20x; {'met' if speed >= 20 else 'not met'}), with {1 / flops:.1f}x fewer FLOPs per "
+        "image."
+        if speed is not None
+        else "Speed-up: needs both methods' runs."
+    )
+    table = markdown_table(rows) + "\n\n" + verdict
+    plot(rows, output)
+    env_path = run_dir(output, experiment.runs[0], rows[0]["seeds"][0]["seed"])
+    env_file = env_path / "environment.json"
+    env = json.loads(env_file.read_text()) if env_file.exists() else {}
+    papers = "\n".join(f"- {METHODS[name]}: VOC 2007 mAP {text}" for name, text in PAPERS.items())
+    first = build_config(experiment.runs[0], experiment.seeds[0])
+    d = first.detection
+    text = f"""# Experiment `{spec}`
+
+**Question.** {experiment.question}
+
+{table}
+
+![AP per class and AP50](ap.png)
+
+AP on the {d.test_scenes} test scenes ({first.dataset.name}, {d.image_size}x{d.image_size})
+of the final model: AP50, AP75 and AP@[.5:.95] by pycocotools, VOC07 mAP the PASCAL VOC 2007
+11-point AP at IoU 0.5 (the papers' measure); mean ± sample std over seeds. Test images/s:
+network, box decoding and per-class NMS over {d.test_proposals} proposals per image, the
+proposals computed beforehand (as the papers time it). Test GFLOPs/image: the networks'
+arithmetic from their layer specs (R-CNN: every layer once per proposal; Fast R-CNN: the
+conv layers once per image, the RoI pooling and the layers after it once per proposal),
+which bounds the speed-up: Fast R-CNN's FC layers still run per proposal. Training: 128
+RoIs per step in both methods; train images/s counts what goes through the network (Fast
+R-CNN: scenes, R-CNN: warped regions); the median over logging intervals, compilation and
+evaluation excluded.
+
+The papers, for scale (not comparable: ImageNet pre-training, VOC's 20 classes and natural
+images at ~500 px, 2,000 proposals per image):
+
+{papers}
+
+Here both methods start from random weights on {d.train_scenes} training scenes, with
+{first.training.num_steps} steps of {first.optimizer.name} and box regression trained
+jointly (R-CNN's paper fits linear SVMs and ridge box regressors on the fine-tuned features;
+here its softmax scores and a box layer are fine-tuned with the same multi-task loss as Fast
+R-CNN).
+
+Produced by `python -m experiments.detection run {spec} --output={output}` on
+{env.get("device_count", "?")} x {env.get("device_kind", "?")} ({env.get("platform", "?")},
+{env.get("cpu_count", "?")} CPU cores), commit {env.get("git_commit", "?")}.
+"""
+    (output / "report.md").write_text(text)
+    summary = [
+        {
+            "name": row["name"],
+            "config": row["config"],
+            "seeds": [s["seed"] for s in row["seeds"]],
+            **{key: _mean(row, key) for key, *_ in MEASURES},
+        }
+        for row in rows
+    ]
+    (output / "results.json").write_text(
+        json.dumps({"runs": summary, "fast_over_rcnn_test_speed": speed}, indent=2)
+    )
+    return table
+
+
+ACTIONS = ("run", "report")
+
+
+def main(argv: list[str]) -> None:
+    """python -m experiments.detection {run|report} detection[:VARIANT] [--output=DIR]
+    [--seeds=..] [--only=ROW,..]"""
+    from absl import logging
+
+    from training import loop
+
+    args = [a for a in argv[1:] if not a.startswith("--")]
+    options = dict(a[2:].partition("=")[::2] for a in argv[1:] if a.startswith("--"))
+    if len(args) != 2 or args[0] not in ACTIONS or not args[1].startswith("detection"):
+        sys.exit(
+            f"usage: python -m experiments.detection {{{'|'.join(ACTIONS)}}} detection[:VARIANT]"
+        )
+    unknown = set(options) - {"output", "seeds", "only"}
+    if unknown:
+        sys.exit(f"error: unknown flag --{sorted(unknown)[0]}; flags: --output, --seeds, --only")
+    action, spec = args
+    try:
+        name, _, variant = spec.partition(":")
+        if name != "detection":
+            raise UserError(f"{spec}: this program runs the detection experiment only")
+        experiment = get_experiment(variant or "small")
+        if options.get("seeds"):
+            experiment = with_seeds(experiment, options["seeds"].split(","))
+        output = Path(options.get("output") or Path("runs") / spec.replace(":", "_"))
+        if action == "run":
+            only = tuple(filter(None, options.get("only", "").split(",")))
+            run_missing(experiment, output, only)
+        table = write_report(experiment, output, spec)
+    except loop.Preempted as e:  # SIGTERM or Ctrl-C mid-run: its checkpoint is saved
+        logging.warning("%s", e)
+        sys.exit(e.exit_code)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    print(f"\n{experiment.question}\n\n{table}\n\nreport: {output / 'report.md'}")
+
+
+if __name__ == "__main__":
+    from training import runtime
+
+    runtime.configure_jax()  # before JAX starts its backend
+    runtime.quiet_library_logs()
+    main(sys.argv)

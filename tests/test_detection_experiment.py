@@ -1,0 +1,84 @@
+"""experiments/detection.py: R-CNN vs Fast R-CNN, its runs, its runner and its report."""
+
+import dataclasses
+import json
+
+import pytest
+
+import experiments
+from errors import UserError
+from experiments import detection as experiment_lib
+from experiments import runner
+
+
+def test_the_experiment_compares_the_two_methods_on_the_same_scenes():
+    for variant in experiments.variants("detection"):
+        experiment = experiments.get(f"detection:{variant}")
+        configs = [runner.build_config(run, 0) for run in experiment.runs]
+        assert [c.detection.mode for c in configs] == ["rcnn", "fast_rcnn"]
+        assert configs[0].dataset.name == configs[1].dataset.name
+        # everything but the method is the same
+        a, b = (c.to_dict() for c in configs)
+        a["detection"].pop("mode"), b["detection"].pop("mode")
+        assert a == b
+    with pytest.raises(UserError, match="detection:cifar10"):
+        experiments.get("detection:cifar10")
+
+
+def test_the_classification_runner_refuses_detection_runs(tmp_path):
+    experiment = experiments.get("detection:small")
+    with pytest.raises(UserError, match="python -m experiments.detection run"):
+        runner.run_missing(experiment, tmp_path)
+
+
+def test_report_without_runs_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="no finished run of detection:small"):
+        experiment_lib.main(["prog", "report", "detection:small", f"--output={tmp_path}"])
+    with pytest.raises(SystemExit, match="unknown flag --outptu"):
+        experiment_lib.main(["prog", "report", "detection:small", f"--outptu={tmp_path}"])
+
+
+@pytest.mark.slow
+def test_small_variant_runs_and_reports_end_to_end(tmp_path):
+    tiny = {
+        "detection.train_scenes": 24,
+        "detection.test_scenes": 8,
+        "detection.test_proposals": 100,
+        "detection.proposal_cache": str(tmp_path / "proposals"),
+        "training.num_steps": 20,
+        "training.eval_every_steps": 20,
+        "training.checkpoint_every_steps": 10,
+        "training.log_every_steps": 10,
+        "training.progress": "none",
+        "schedule.warmup_steps": 2,
+    }
+    experiment = experiments.get("detection:small")
+    runs = tuple(
+        dataclasses.replace(run, overrides={**run.overrides, **tiny}) for run in experiment.runs
+    )
+    experiment = dataclasses.replace(experiment, runs=runs)
+    output = tmp_path / "out"
+    touched = experiment_lib.run_missing(experiment, output)
+    assert len(touched) == 2
+    table = experiment_lib.write_report(experiment, output, "detection:small")
+    results = {
+        row: json.loads((runner.run_dir(output, run, 0) / "results.json").read_text())
+        for row, run in zip(("rcnn", "fast_rcnn"), runs, strict=True)
+    }
+    assert [r["method"] for r in results.values()] == ["rcnn", "fast_rcnn"]
+    ratio = results["fast_rcnn"]["test_images_per_s"] / results["rcnn"]["test_images_per_s"]
+    assert f"**{ratio:.1f}x**" in table
+    for label, result in zip(("R-CNN", "Fast R-CNN"), results.values(), strict=True):
+        line = next(line for line in table.splitlines() if line.startswith(f"| {label} |"))
+        assert f"| {100 * result['ap50']:,.1f} |" in line  # AP50 is the first measure
+    summary = json.loads((output / "results.json").read_text())
+    assert summary["fast_over_rcnn_test_speed"] == pytest.approx(ratio)
+    assert (output / "ap.png").stat().st_size > 0
+    assert "VOC 2007 mAP 58.5" in (output / "report.md").read_text()
+    # finished runs are skipped; another config's finished run in the folder is refused
+    assert experiment_lib.run_missing(experiment, output) == []
+    changed = dataclasses.replace(
+        runs[0], overrides={**runs[0].overrides, "training.num_steps": 30}
+    )
+    with pytest.raises(UserError, match="another config"):
+        experiment_lib.run_missing(dataclasses.replace(experiment, runs=(changed,)), output)
