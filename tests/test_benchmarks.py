@@ -353,3 +353,31 @@ def test_time_to_accuracy_races_pytorch_on_the_same_recipe(tmp_path):
     assert result["ratios"]["train_seconds"] == pytest.approx(
         ours["train_seconds"] / theirs["train_seconds"]
     )
+
+
+def test_time_to_accuracy_reference_augmentation_is_a_zero_filled_shift_and_a_flip():
+    from benchmarks import time_to_accuracy
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(1, 256, (64, 6, 5, 1)).astype(np.uint8)  # no zero pixels
+    out = time_to_accuracy._augmented(images, np.random.default_rng(1), padding=2, flip=True)
+    assert out.shape == images.shape and out.dtype == np.uint8
+    kinds = set()
+    for image, result in zip(images, out, strict=True):
+        matches = [
+            (dy, dx, mirror)
+            for mirror in (False, True)
+            for dy in range(-2, 3)
+            for dx in range(-2, 3)
+            if np.array_equal(result, _shifted(image[:, ::-1] if mirror else image, dy, dx))
+        ]
+        assert len(matches) == 1, matches  # exactly one shift (and flip) explains each image
+        kinds.add(matches[0])
+    assert len(kinds) > 10  # one draw per image, not one per batch
+
+
+def _shifted(image, dy, dx):
+    """`image` moved down by dy and right by dx, zeros shifted in."""
+    h, w = image.shape[:2]
+    padded = np.pad(image, ((2, 2), (2, 2), (0, 0)))
+    return padded[2 - dy : 2 - dy + h, 2 - dx : 2 - dx + w]
