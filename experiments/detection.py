@@ -218,6 +218,10 @@ def write_report(experiment: Experiment, output: Path, spec: str) -> str:
     env_path = run_dir(output, experiment.runs[0], rows[0]["seeds"][0]["seed"])
     env_file = env_path / "environment.json"
     env = json.loads(env_file.read_text()) if env_file.exists() else {}
+    machine = (
+        f"{env.get('device_count', '?')} x {env.get('device_kind', '?')} "
+        f"({env.get('platform', '?')}, {env.get('cpu_count', '?')} CPU cores)"
+    )
     papers = "\n".join(f"- {METHODS[name]}: VOC 2007 mAP {text}" for name, text in PAPERS.items())
     first = build_config(experiment.runs[0], experiment.seeds[0])
     d = first.detection
@@ -252,9 +256,8 @@ jointly (R-CNN's paper fits linear SVMs and ridge box regressors on the fine-tun
 here its softmax scores and a box layer are fine-tuned with the same multi-task loss as Fast
 R-CNN).
 
-Produced by `python -m experiments.detection run {spec} --output={output}` on
-{env.get("device_count", "?")} x {env.get("device_kind", "?")} ({env.get("platform", "?")},
-{env.get("cpu_count", "?")} CPU cores), commit {env.get("git_commit", "?")}.
+Produced by `python -m experiments.detection run {spec} --output={output}` on {machine},
+commit {env.get("git_commit", "?")}.
 """
     (output / "report.md").write_text(text)
     summary = [

@@ -217,3 +217,21 @@ def test_rcnn_trains_far_above_random_boxes(tmp_path):
     assert results["method"] == "rcnn"
     assert results["ap50"] > max(0.1, 10 * baseline["ap50"]), (results, baseline["ap50"])
     assert results["train_images_per_s"] == pytest.approx(results["train_rois_per_s"])
+
+
+def test_test_flops_count_rcnn_per_proposal_and_fast_rcnn_backbone_once():
+    rcnn_config = _config(**{"detection.test_proposals": 100})
+    fast_config = configs.load("configs/detection.py:pooled_max,builtin,fast_rcnn")
+    fast_config.detection.test_proposals = 100
+    rcnn_specs, fast_specs = det_train.validate(rcnn_config), det_train.validate(fast_config)
+    classifier = models.architecture(rcnn_config.model, (32, 32, 3), 11)
+    box_layer = rcnn_specs[-1]
+    assert box_layer.name == "bbox" and box_layer.flops > 0
+    per_region = sum(s.flops for s in classifier) + box_layer.flops
+    assert det_train.test_flops_per_image(rcnn_specs, rcnn_config) == 100 * per_region
+    backbone = models.architecture(fast_config.model, (96, 96, 3), 10)[:8]  # conv1 .. relu3
+    assert [s.name for s in backbone][-1] == "relu3"
+    head = sum(s.flops for s in fast_specs[len(backbone) :])
+    assert det_train.test_flops_per_image(fast_specs, fast_config) == (
+        sum(s.flops for s in backbone) + 100 * head
+    )
