@@ -48,7 +48,8 @@ def _train() -> dict:
         logging.warning("%s", e)
         sys.exit(e.exit_code)
     return {
-        k: results[k] for k in ("model", "ap", "ap50", "ap75", "voc07_map", "test_images_per_s")
+        k: results[k]
+        for k in ("method", "model", "ap", "ap50", "ap75", "voc07_map", "test_images_per_s")
     }
 
 
