@@ -34,7 +34,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -52,6 +51,8 @@ from training import checkpoint as ckpt_lib
 from training import loop as loop_lib
 from training import optim, runtime
 from training import setup as setup_lib
+from training import state as state_lib
+from training import steps as steps_lib
 from training import workdir as workdir_lib
 from training.state import abstract_like
 
@@ -280,24 +281,12 @@ def images_per_step(config: ml_collections.ConfigDict) -> int:
 
 
 def _init_program(config, specs, mesh):
-    tx = optim.make_optimizer(config)
-    structure = {}
+    """The train state's init program (training.state.init_program) of the detection network
+    of `config.detection.mode` built from `specs`."""
     network = NETWORKS[config.detection.mode]
-
-    def init():
-        model = network(specs, dtype=config.model.dtype, rngs=nnx.Rngs(config.seed))
-        graphdef, params, batch_stats, other = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-        structure["graphdef"] = graphdef
-        return {
-            "step": jnp.zeros((), jnp.int32),
-            "params": params,
-            "batch_stats": batch_stats,
-            "other": other,
-            "opt_state": tx.init(params),
-            "rng": jax.random.key_data(jax.random.key(config.seed)),
-        }
-
-    return jax.jit(init, out_shardings=NamedSharding(mesh, P())), structure
+    return state_lib.init_program(
+        config, mesh, lambda rngs: network(specs, dtype=config.model.dtype, rngs=rngs)
+    )
 
 
 def train_step(state, batch, *, graphdef, tx, config, mean, std):
@@ -323,16 +312,7 @@ def train_step(state, batch, *, graphdef, tx, config, mean, std):
         return total, (parts, nnx.state(model, nnx.BatchStat))
 
     (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    new = dict(
-        state, step=state["step"] + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
-    )
-    finite = jnp.isfinite(loss) & jnp.all(
-        jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
-    )
-    if t.on_nonfinite_loss == "skip":
-        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, dict(state, step=new["step"]))
+    new, finite = steps_lib.apply_gradients(state, loss, grads, batch_stats, tx, t)
     return new, {"loss": loss, **parts, "nonfinite": ~finite}
 
 
@@ -368,7 +348,6 @@ def with_pretrained_backbone(state, workdir: str, config, specs, mesh):
     classification layer replaced by a new (N + 1)-way one). UserError when a layer's
     parameters differ in shape (a classifier of other images)."""
     from evaluation import run as run_lib
-    from training import state as state_lib
 
     path = Path(workdir).expanduser()
     classifier = run_lib.read_config(path)

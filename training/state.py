@@ -24,16 +24,16 @@ from training import optim
 INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
-def _init_program(config: ml_collections.ConfigDict, info: data.DatasetInfo, mesh):
-    """Returns (init, structure): `init` is the jit-wrapped program that builds the train state;
-    tracing it records the model's graphdef (static structure) in structure['graphdef']."""
+def init_program(config: ml_collections.ConfigDict, mesh, make_model):
+    """Returns (init, structure): the jit-compiled program building the train state of the
+    model `make_model(rngs)` returns (the config's optimizer, seed and random key) on `mesh`,
+    replicated; tracing it records the model's graphdef (static structure) in
+    structure['graphdef']. Classification and detection both build their state with it."""
     tx = optim.make_optimizer(config)
     structure = {}
 
     def init():
-        model = models.create_model(
-            config.model, info.image_shape, info.num_classes, rngs=nnx.Rngs(config.seed)
-        )
+        model = make_model(nnx.Rngs(config.seed))
         graphdef, params, batch_stats, other = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
         structure["graphdef"] = graphdef
         return {
@@ -46,6 +46,17 @@ def _init_program(config: ml_collections.ConfigDict, info: data.DatasetInfo, mes
         }
 
     return jax.jit(init, out_shardings=NamedSharding(mesh, P())), structure
+
+
+def _init_program(config: ml_collections.ConfigDict, info: data.DatasetInfo, mesh):
+    """init_program for the classifier `config.model` on images of `info`."""
+    return init_program(
+        config,
+        mesh,
+        lambda rngs: models.create_model(
+            config.model, info.image_shape, info.num_classes, rngs=rngs
+        ),
+    )
 
 
 def create_train_state(

@@ -59,6 +59,16 @@ def train_step(state, batch, *, graphdef, tx, config, mean, std):
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state["params"]
     )
+    new, finite = apply_gradients(state, loss, grads, batch_stats, tx, t)
+    correct = jnp.sum(jnp.argmax(logits, -1) == batch["label"])
+    return new, {"loss": loss, "correct": correct, "nonfinite": ~finite}
+
+
+def apply_gradients(state, loss, grads, batch_stats, tx, training) -> tuple[dict, jax.Array]:
+    """Returns (the state after one optimizer update with `grads` and the step's new BatchNorm
+    statistics, whether the loss and every gradient are finite). With
+    `training.on_nonfinite_loss == 'skip'` a non-finite step keeps the old values but advances
+    the step, so data and schedule move on."""
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new = dict(
@@ -67,14 +77,9 @@ def train_step(state, batch, *, graphdef, tx, config, mean, std):
     finite = jnp.isfinite(loss) & jnp.all(
         jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
     )
-    if t.on_nonfinite_loss == "skip":
-        # Keep the old values, but advance the step so data and schedule move on.
-        kept = jax.tree.map(
-            lambda a, b: jnp.where(finite, a, b), new, dict(state, step=new["step"])
-        )
-        new = kept
-    correct = jnp.sum(jnp.argmax(logits, -1) == batch["label"])
-    return new, {"loss": loss, "correct": correct, "nonfinite": ~finite}
+    if training.on_nonfinite_loss == "skip":
+        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, dict(state, step=new["step"]))
+    return new, finite
 
 
 def train_step_on_device(state, inputs, *, batch_size, batch_sharding, **step_args):
