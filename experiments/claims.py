@@ -294,17 +294,31 @@ def sharing_section(rows: list[dict], output: Path, variant: str) -> tuple[str, 
     lines += [
         f"Measured by the weight_sharing experiment ({os.path.relpath(folder, output)}):",
         "",
-        "| run | params | test accuracy | shift consistency |",
-        "|---|---:|---:|---:|",
+        "| run | params | test accuracy | shift consistency | plateaued |",
+        "|---|---:|---:|---:|---:|",
     ]
     summary = {}
+    rising = []
     for r in results:
         accuracy = statistics.fmean(r["test_accuracy"])
         consistency = statistics.fmean(r["shift_consistency"]) if r["shift_consistency"] else None
-        summary[r["name"]] = {"params": r["params"], "test_accuracy": accuracy}
+        # per seed, whether its last evaluations were flat (results.json written before
+        # the plateau check have no such field)
+        flat = sum(r["plateaued"]) if "plateaued" in r else None
+        summary[r["name"]] = {"params": r["params"], "test_accuracy": accuracy, "plateaued": flat}
+        seeds = len(r["test_accuracy"])
+        if flat is not None and flat < seeds:
+            rising.append(r["name"])
         lines.append(
-            f"| {r['name']} | {r['params']:,} | {percent(accuracy)} | {percent(consistency)} |"
+            f"| {r['name']} | {r['params']:,} | {percent(accuracy)} | {percent(consistency)} | "
+            f"{'?' if flat is None else f'{flat}/{seeds}'} |"
         )
+    if rising:
+        lines += [
+            "",
+            f"Not plateaued in every seed: {', '.join(rising)}; their accuracy is that of the "
+            "budget, not where they would end, so the comparison below is provisional.",
+        ]
     shared = next((r for r in results if r["name"].startswith("plain (")), None)
     local = next((r for r in results if r["name"].startswith("plain_local")), None)
     if shared and local:

@@ -38,8 +38,14 @@ def _fake_weight_sharing(folder):
             "params": 1000,
             "test_accuracy": [0.8],
             "shift_consistency": [0.6],
+            "plateaued": [True],
         },
-        {"name": "plain_local (not shared)", "params": 50000, "test_accuracy": [0.7, 0.72]},
+        {
+            "name": "plain_local (not shared)",
+            "params": 50000,
+            "test_accuracy": [0.7, 0.72],
+            "plateaued": [False, True],
+        },
     ]
     rows[1]["shift_consistency"] = [0.5]
     (folder / "results.json").write_text(json.dumps(rows))
@@ -62,6 +68,8 @@ def test_seed_claims_end_to_end_on_a_tiny_budget(tmp_path):
         assert heading in text
     assert "## 3. Parameter sharing" in text and "| plain_local (not shared) | 50,000 |" in text
     assert "50x the parameters" in text and "9.0 points higher than" in text
+    assert "| 80.0% | 60.0% | 1/1 |" in text and "| 1/2 |" in text  # plateaued seeds
+    assert "Not plateaued in every seed: plain_local (not shared);" in text
     for name in ("claims_invariance.png", "claims_probes.png", "report.md"):
         assert (output / name).stat().st_size > 1000, name
     numbers = json.loads((output / "claims.json").read_text())
