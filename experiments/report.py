@@ -244,10 +244,15 @@ def commits_line(envs: list[dict]) -> str:
 
 
 def seeds_flag(experiment: Experiment, spec: str) -> str:
-    """' --seeds=...' when the experiment runs other seeds than its file's, else ''."""
+    """' --seeds=...' when the experiment runs other seeds than its file's, else '' (also for
+    an experiment defined in code, with no file)."""
     import experiments
 
-    if experiment.seeds == experiments.get(spec).seeds:
+    try:
+        own = experiments.get(spec).seeds
+    except UserError:
+        return ""
+    if experiment.seeds == own:
         return ""
     return " --seeds=" + ",".join(map(str, experiment.seeds))
 

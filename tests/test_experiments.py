@@ -135,6 +135,7 @@ def test_the_report_names_the_seeds_flag_only_for_other_seeds():
     assert report.seeds_flag(families, "families:small") == ""
     other = experiments.with_seeds(families, ["3", "4", "5"])
     assert report.seeds_flag(other, "families:small") == " --seeds=3,4,5"
+    assert report.seeds_flag(tiny_experiment(), "tiny") == ""  # no file to compare with
 
 
 def test_the_report_names_every_commit_its_runs_came_from():
