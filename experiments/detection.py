@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from errors import UserError
-from experiments import Experiment, Run, with_seeds
+from experiments import Experiment, Run, runner, with_seeds
 from experiments.runner import TRAINED, build_config, config_mismatch, run_dir
 
 QUESTION = (
@@ -77,32 +77,10 @@ def get_experiment(variant: str = "small") -> Experiment:
 
 
 def run_missing(experiment: Experiment, output: Path, only: tuple[str, ...] = ()) -> list[Path]:
-    """Trains every run (or those named in `only`) without a results.json, resuming an
-    interrupted one; returns their workdirs. A folder holding another config's finished run
-    is refused with one line."""
+    """The runner's `run_missing` with detection's training (which evaluates its runs)."""
     from detection import train as detection_train
 
-    names = [run.name for run in experiment.runs]
-    if any(name not in names for name in only):
-        raise UserError(f"--only names no run of detection; its runs are {', '.join(names)}")
-    touched = []
-    for run in experiment.runs:
-        if only and run.name not in only:
-            continue
-        for seed in experiment.seeds:
-            workdir = run_dir(output, run, seed)
-            if (workdir / TRAINED).exists():
-                differences = config_mismatch(workdir, run, seed)
-                if differences:
-                    raise UserError(
-                        f"{workdir} holds a finished run of another config than {run.name} "
-                        f"seed {seed} ({'; '.join(differences)}); move it aside or use "
-                        "another --output."
-                    )
-                continue
-            detection_train.train_and_evaluate(build_config(run, seed), workdir)
-            touched.append(workdir)
-    return touched
+    return runner.run_missing(experiment, output, only, train=detection_train.train_and_evaluate)
 
 
 def collect(experiment: Experiment, output: Path) -> list[dict]:

@@ -1,6 +1,7 @@
 """Runs an experiment's missing runs (resuming interrupted ones) and lists or scripts them."""
 
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 
 from absl import logging
@@ -38,9 +39,18 @@ def build_config(run: Run, seed: int):
     return config
 
 
-def run_missing(experiment: Experiment, output: Path, only: tuple[str, ...] = ()) -> list[Path]:
+def run_missing(
+    experiment: Experiment,
+    output: Path,
+    only: tuple[str, ...] = (),
+    train: Callable | None = None,
+    evaluate: Callable | None = None,
+) -> list[Path]:
     """Trains and evaluates every run (or the runs named in `only`) that has no results yet;
-    returns the workdirs it touched.
+    returns the workdirs it touched. `train(config, workdir)` defaults to classification's
+    `training.loop.train_and_evaluate` and `evaluate(workdir, max_shift=)` to eval.py's
+    `evaluation.evaluate_workdir`; another task (detection) passes its own train and no
+    evaluate when its training already evaluates.
 
     A run with a results.json is skipped when its folder holds that run's config; a folder
     holding another config's finished run is refused with one line (UserError). An
@@ -48,9 +58,11 @@ def run_missing(experiment: Experiment, output: Path, only: tuple[str, ...] = ()
     crash loses at most one checkpoint interval; a folder of another config without a
     checkpoint is retrained with this run's config, and one with a checkpoint is refused.
     """
-    import evaluation  # deferred: importing JAX is slow
-    from training import loop
+    if train is None:  # deferred: importing JAX is slow
+        import evaluation
+        from training import loop
 
+        train, evaluate = loop.train_and_evaluate, evaluation.evaluate_workdir
     names = [run.name for run in experiment.runs]
     unknown = [name for name in only if name not in names]
     if unknown:
@@ -68,10 +80,10 @@ def run_missing(experiment: Experiment, output: Path, only: tuple[str, ...] = ()
                 _check_finished(workdir, run, seed)
             else:
                 logging.info("training %s seed %d in %s", run.name, seed, workdir)
-                loop.train_and_evaluate(build_config(run, seed), workdir)
+                train(build_config(run, seed), workdir)
                 touched.append(workdir)
-            if not (workdir / EVALUATED).exists():
-                evaluation.evaluate_workdir(workdir, max_shift=experiment.max_shift)
+            if evaluate is not None and not (workdir / EVALUATED).exists():
+                evaluate(workdir, max_shift=experiment.max_shift)
                 touched.append(workdir)
     return touched
 
