@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from errors import UserError
-from experiments import Experiment, Run, runner, with_seeds
+from experiments import Experiment, Run, report, runner, with_seeds
 from experiments.runner import TRAINED, build_config, config_mismatch, run_dir
 
 QUESTION = (
@@ -193,9 +193,8 @@ def write_report(experiment: Experiment, output: Path, spec: str) -> str:
     )
     table = markdown_table(rows) + "\n\n" + verdict
     plot(rows, output)
-    env_path = run_dir(output, experiment.runs[0], rows[0]["seeds"][0]["seed"])
-    env_file = env_path / "environment.json"
-    env = json.loads(env_file.read_text()) if env_file.exists() else {}
+    envs = report.run_environments(experiment, output, rows)
+    env = envs[0] if envs else {}
     machine = (
         f"{env.get('device_count', '?')} x {env.get('device_kind', '?')} "
         f"({env.get('platform', '?')}, {env.get('cpu_count', '?')} CPU cores)"
@@ -235,7 +234,7 @@ here its softmax scores and a box layer are fine-tuned with the same multi-task 
 R-CNN).
 
 Produced by `python -m experiments.detection run {spec} --output={output}` on {machine},
-commit {env.get("git_commit", "?")}.
+{report.commits_line(envs)}.
 """
     (output / "report.md").write_text(text)
     summary = [
