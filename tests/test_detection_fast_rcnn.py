@@ -149,23 +149,26 @@ def _random_boxes(data, rng):
     return out
 
 
+def end_to_end_overrides(tmp_path) -> dict:
+    """The short end-to-end budget both modes' tests train with: 100 training and 30 test
+    built-in scenes, 250 steps, proposals cached under `tmp_path`."""
+    return {
+        "detection.train_scenes": 100,
+        "detection.test_scenes": 30,
+        "detection.proposal_upscale": 1.0,
+        "detection.proposal_cache": str(tmp_path / "proposals"),
+        "training.num_steps": 250,
+        "training.eval_every_steps": 125,
+        "training.checkpoint_every_steps": 125,
+        "training.log_every_steps": 25,
+        "training.progress": "none",
+        "schedule.warmup_steps": 10,
+    }
+
+
 @pytest.mark.slow
 def test_fast_rcnn_trains_far_above_random_boxes_and_resumes(tmp_path):
-    config = _config(
-        **{
-            "detection.train_scenes": 100,
-            "detection.test_scenes": 30,
-            "detection.proposal_upscale": 1.0,
-            "detection.proposal_cache": str(tmp_path / "proposals"),
-            "detection.hidden_dropout": 0.0,
-            "training.num_steps": 250,
-            "training.eval_every_steps": 125,
-            "training.checkpoint_every_steps": 125,
-            "training.log_every_steps": 25,
-            "training.progress": "none",
-            "schedule.warmup_steps": 10,
-        }
-    )
+    config = _config(**end_to_end_overrides(tmp_path), **{"detection.hidden_dropout": 0.0})
     workdir = tmp_path / "run"
     results = det_train.train_and_evaluate(config, workdir)
     test = scenes.builtin_scenes(30, seed=scenes.TEST_SEED, image_size=96)

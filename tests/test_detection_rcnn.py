@@ -191,24 +191,11 @@ def test_rcnn_starts_from_a_classification_run(workdir):
 
 @pytest.mark.slow
 def test_rcnn_trains_far_above_random_boxes(tmp_path):
-    from test_detection_fast_rcnn import _random_boxes
+    from test_detection_fast_rcnn import _random_boxes, end_to_end_overrides
 
     from detection import evaluate
 
-    config = _config(
-        **{
-            "detection.train_scenes": 100,
-            "detection.test_scenes": 30,
-            "detection.proposal_upscale": 1.0,
-            "detection.proposal_cache": str(tmp_path / "proposals"),
-            "training.num_steps": 250,
-            "training.eval_every_steps": 125,
-            "training.checkpoint_every_steps": 125,
-            "training.log_every_steps": 25,
-            "training.progress": "none",
-            "schedule.warmup_steps": 10,
-        }
-    )
+    config = _config(**end_to_end_overrides(tmp_path))
     results = det_train.train_and_evaluate(config, tmp_path / "run")
     test = scenes.builtin_scenes(30, seed=scenes.TEST_SEED, image_size=96)
     truth = [test.objects(i) for i in range(len(test))]
