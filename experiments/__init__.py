@@ -42,14 +42,38 @@ class Run:
 
 
 @dataclasses.dataclass(frozen=True)
+class Reference:
+    """A published result set beside a row of the report: its test accuracy (a fraction) and
+    where it comes from (paper or table, the network and the training it had)."""
+
+    accuracy: float
+    source: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Ordering:
+    """A published comparison of two rows, checked against this experiment's: `above` beat
+    `below` (or, with `tied`, the paper reads them as equal); `published` says it in the
+    paper's numbers, e.g. 'Model C 9.74 % error, Strided-CNN-C 10.19 % (CIFAR-10)'."""
+
+    above: str
+    below: str
+    published: str
+    tied: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class Experiment:
-    """What an experiment file returns: the question, the runs, the seeds."""
+    """What an experiment file returns: the question, the runs, the seeds, and the published
+    results (per row) and orderings the report compares them with."""
 
     name: str
     question: str
     runs: tuple[Run, ...]
     seeds: tuple[int, ...] = (0, 1, 2)
     max_shift: int = 8  # largest shift of the translation measurements in eval
+    published: Mapping[str, Reference] = dataclasses.field(default_factory=dict)
+    orderings: tuple[Ordering, ...] = ()
 
 
 def preset_runs(
@@ -84,20 +108,38 @@ def define(
     seeds: Mapping[str, tuple[int, ...]],
     cpu_overrides: Mapping[str, Mapping[str, Any]] | None = None,
     variant_overrides: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
+    rows: Mapping[str, tuple[str, ...]] | None = None,
+    published: Mapping[str, Mapping[str, Reference]] | None = None,
+    orderings: tuple[Ordering, ...] = (),
 ) -> Callable[[str], Experiment]:
     """Returns an experiment file's `get_experiment(variant)`: the runs of `presets` with the
     variant's budget and seeds (default (0, 1, 2)); `cpu_overrides[row]` apply to the CPU
     variants (small, fashion_mnist), never to cifar10, which keeps the papers' models;
-    `variant_overrides[variant][row]` apply to that variant only, after them."""
+    `variant_overrides[variant][row]` apply to that variant only, after them. `rows[variant]`
+    narrows a variant to those rows (e.g. fewer depths on a CPU); `published[variant]` and
+    `orderings` (the papers' comparisons, for every variant) go into the report."""
 
     def get_experiment(variant: str = "small") -> Experiment:
         cpu = variant != "cifar10"
         per_run = {row: dict(o) for row, o in ((cpu_overrides or {}) if cpu else {}).items()}
         for row, o in (variant_overrides or {}).get(variant, {}).items():
             per_run[row] = {**per_run.get(row, {}), **o}
-        runs = preset_runs(variant, presets, budgets.get(variant), per_run)
-        # Shifts up to 4 pixels on a CPU: each shift is one more pass over the test set.
-        return Experiment(name, question, runs, seeds.get(variant, (0, 1, 2)), 4 if cpu else 8)
+        chosen = (rows or {}).get(variant)
+        if chosen is not None and set(chosen) - set(presets):
+            raise ValueError(f"{name}: rows[{variant!r}] names unknown rows {chosen}")
+        kept = {row: p for row, p in presets.items() if chosen is None or row in chosen}
+        runs = preset_runs(variant, kept, budgets.get(variant), per_run)
+        names = {run.name for run in runs}
+        return Experiment(
+            name,
+            question,
+            runs,
+            seeds.get(variant, (0, 1, 2)),
+            # Shifts up to 4 pixels on a CPU: each shift is one more pass over the test set.
+            4 if cpu else 8,
+            {row: ref for row, ref in (published or {}).get(variant, {}).items() if row in names},
+            tuple(o for o in orderings if o.above in names and o.below in names),
+        )
 
     return get_experiment
 
@@ -122,6 +164,16 @@ def epochs_budget(epochs: int, steps_per_epoch: int) -> dict[str, int]:
         "training.eval_every_steps": steps_per_epoch,
         "training.checkpoint_every_steps": steps_per_epoch,
         "schedule.warmup_steps": steps_per_epoch,
+    }
+
+
+def steps_budget(steps: int, evals: int = 10) -> dict[str, int]:
+    """Returns the training overrides of `steps` steps with `evals` evaluations (so the plateau
+    check sees the end of the curve) and a checkpoint every half."""
+    return {
+        "training.num_steps": steps,
+        "training.eval_every_steps": steps // evals,
+        "training.checkpoint_every_steps": steps // 2,
     }
 
 

@@ -1,5 +1,5 @@
-"""python -m experiments {run|report|commands|slurm} NAME[:VARIANT] [--output=DIR] [--seeds=..]
-[--only=ROW,..]"""
+"""python -m experiments {run|report|commands|slurm} NAME[:VARIANT] [--output=DIR] [--runs=DIR]
+[--seeds=..] [--only=ROW,..]"""
 
 import sys
 from pathlib import Path
@@ -16,6 +16,13 @@ from experiments import report, runner  # noqa: E402
 from training import loop  # noqa: E402
 
 _OUTPUT = flags.DEFINE_string("output", None, "Output folder (default: runs/NAME_VARIANT).")
+_RUNS = flags.DEFINE_string(
+    "runs",
+    None,
+    "Folder of the runs' workdirs (default: the output folder). Experiments given the same "
+    "folder share their runs: a row of the same name and config is trained once (e.g. "
+    "families' resnet20 is resnet_depth's).",
+)
 _ONLY = flags.DEFINE_list(
     "only",
     [],
@@ -41,18 +48,19 @@ def main(argv):
         if _SEEDS.value:
             experiment = experiments.with_seeds(experiment, _SEEDS.value)
         output = Path(_OUTPUT.value or Path("runs") / spec.replace(":", "_"))
+        runs = Path(_RUNS.value) if _RUNS.value else output
         if action == "commands":
-            print("\n".join(runner.commands(experiment, output)))
+            print("\n".join(runner.commands(experiment, runs)))
             return
         if action == "slurm":
             output.mkdir(parents=True, exist_ok=True)
             path = output / "slurm.sh"
-            path.write_text(runner.slurm_script(experiment, output, spec))
+            path.write_text(runner.slurm_script(experiment, output, spec, runs))
             print(f"wrote {path}: submit it with `sbatch {path}`")
             return
         if action == "run":
-            runner.run_missing(experiment, output, tuple(_ONLY.value))
-        table = report.write(experiment, output, spec)
+            runner.run_missing(experiment, runs, tuple(_ONLY.value))
+        table = report.write(experiment, output, spec, runs)
     except loop.Preempted as e:  # SIGTERM or Ctrl-C mid-run: its checkpoint is saved
         logging.warning("%s", e)
         sys.exit(e.exit_code)

@@ -97,6 +97,7 @@ def summarize(row: dict) -> dict:
         "train_seconds": [r["train_seconds"] for r in results],
         "images_per_s": [r["images_per_s"] for r in results if r["images_per_s"]],
         "shift_consistency": [e["shift"]["random_pair_consistency"] for e in evals],
+        "tta_accuracy": [e["tta_flip_accuracy"] for e in evals if e.get("tta_flip_accuracy")],
         "plateaued": [stats.plateau(_curve(s)).flat for s in row["seeds"]],
     }
 
@@ -130,19 +131,78 @@ def comparison(rows: list[dict]) -> str:
     )
 
 
+def _verdict(ordering, here: str) -> str:
+    if here == "tied":
+        return "yes" if ordering.tied else "not resolved: tied here"
+    if here == "above":
+        return "no" if ordering.tied else "yes"
+    return "no"
+
+
+def published_section(experiment: Experiment, rows: list[dict]) -> str:
+    """Returns the report's comparison with published results ('' when the experiment names
+    none): each row's mean test accuracy beside its published one, and each published ordering
+    of two rows beside this experiment's, where rows are told apart only by disjoint 95 %
+    intervals (as in the ranking) and are otherwise tied."""
+    if not experiment.published and not experiment.orderings:
+        return ""
+    accuracies = {
+        row["name"]: [s["results"]["test_accuracy"] for s in row["seeds"]] for row in rows
+    }
+    lines = ["## Against published results", ""]
+    if experiment.published:
+        lines += [
+            "| run | here: test accuracy (%) | published (%) | here minus published (points) "
+            "| published result |",
+            "|---|---:|---:|---:|---|",
+        ]
+        for name, ref in experiment.published.items():
+            values = accuracies.get(name)
+            here = f"{100 * statistics.fmean(values):.2f}" if values else "not run yet"
+            diff = f"{100 * (statistics.fmean(values) - ref.accuracy):+.2f}" if values else "–"
+            lines.append(f"| {name} | {here} | {100 * ref.accuracy:.2f} | {diff} | {ref.source} |")
+        lines.append("")
+    if experiment.orderings:
+        summaries = {name: stats.summarize(v) for name, v in accuracies.items()}
+        told = stats.order(summaries)
+        lines += [
+            "| published ordering | as published | here (mean test accuracy %) | agrees |",
+            "|---|---|---|---|",
+        ]
+        for o in experiment.orderings:
+            claim = f"{o.above} ≈ {o.below}" if o.tied else f"{o.above} > {o.below}"
+            if o.above not in summaries or o.below not in summaries:
+                lines.append(f"| {claim} | {o.published} | not run yet | – |")
+                continue
+            a, b = summaries[o.above], summaries[o.below]
+            if (o.above, o.below) in told:
+                here, relation = "above", ">"
+            elif (o.below, o.above) in told:
+                here, relation = "below", "<"
+            else:
+                here, relation = "tied", "tied with"
+            lines.append(
+                f"| {claim} | {o.published} | {o.above} {100 * a.mean:.2f} {relation} "
+                f"{o.below} {100 * b.mean:.2f} | {_verdict(o, here)} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
 def markdown_table(rows: list[dict]) -> str:
     """Returns the Markdown table of the rows (accuracy and consistency in %)."""
     header = (
-        "| run | seeds | test accuracy (%) | 95 % interval | plateaued | params | MFLOPs/image "
-        "| train time (s) | images/s | shift consistency (%) |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| run | seeds | test accuracy (%) | 95 % interval | with flip TTA (%) | plateaued "
+        "| params | MFLOPs/image | train time (s) | images/s | shift consistency (%) |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     lines = [header]
     for row in rows:
         s = summarize(row)
         lines.append(
             f"| {s['name']} | {s['seeds']} | {_pm(s['test_accuracy'], 100, 2)} "
-            f"| {_interval(s['test_accuracy'])} | {sum(s['plateaued'])}/{s['seeds']} "
+            f"| {_interval(s['test_accuracy'])} | {_pm(s['tta_accuracy'], 100, 2)} "
+            f"| {sum(s['plateaued'])}/{s['seeds']} "
             f"| {s['params']:,} "
             f"| {s['flops'] / 1e6:,.1f} | {_pm(s['train_seconds'], 1, 0)} "
             f"| {_pm(s['images_per_s'], 1, 0)} "
@@ -217,13 +277,14 @@ def plot(rows: list[dict], output: Path) -> list[Path]:
     return paths
 
 
-def run_environments(experiment: Experiment, output: Path, rows: list[dict]) -> list[dict]:
-    """The environment.json of every reported run (run, seed), in the report's order."""
+def run_environments(experiment: Experiment, runs: Path, rows: list[dict]) -> list[dict]:
+    """The environment.json of every reported run (run, seed), in the report's order; `runs`
+    is the folder that holds the runs' workdirs."""
     by_name = {run.name: run for run in experiment.runs}
     envs = []
     for row in rows:
         for seed in row["seeds"]:
-            path = run_dir(output, by_name[row["name"]], seed["seed"]) / "environment.json"
+            path = run_dir(runs, by_name[row["name"]], seed["seed"]) / "environment.json"
             if path.exists():
                 envs.append(json.loads(path.read_text()))
     return envs
@@ -257,20 +318,33 @@ def seeds_flag(experiment: Experiment, spec: str) -> str:
     return " --seeds=" + ",".join(map(str, experiment.seeds))
 
 
-def write(experiment: Experiment, output: Path, spec: str) -> str:
-    """Writes report.md, results.json (the collected numbers) and the plots; returns the table."""
+def runs_flag(output: Path, runs: Path) -> str:
+    """' --runs=DIR' when the runs live in another folder than the report, else ''."""
+    return "" if Path(runs) == Path(output) else f" --runs={runs}"
+
+
+def write(experiment: Experiment, output: Path, spec: str, runs: Path | None = None) -> str:
+    """Writes report.md, results.json (the collected numbers) and the plots into `output` from
+    the runs in `runs` (default: `output` itself); returns the table."""
     output = Path(output)
-    rows = collect(experiment, output)
+    runs = Path(runs) if runs is not None else output
+    rows = collect(experiment, runs)
     if not rows:
         raise UserError(
-            f"no finished run of {spec} in {output} yet: nothing to report. Run "
-            f"`python -m experiments run {spec} --output={output}` first."
+            f"no finished run of {spec} in {runs} yet: nothing to report. Run "
+            f"`python -m experiments run {spec} --output={output}{runs_flag(output, runs)}` "
+            "first."
         )
+    output.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows) + "\n\n" + comparison(rows)
     plot(rows, output)
-    envs = run_environments(experiment, output, rows)
+    envs = run_environments(experiment, runs, rows)
     env = envs[0] if envs else {}
     versions = ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items())
+    command = (
+        f"python -m experiments run {spec}{seeds_flag(experiment, spec)} --output={output}"
+        f"{runs_flag(output, runs)}"
+    )
     text = f"""# Experiment `{spec}`
 
 **Question.** {experiment.question}
@@ -282,15 +356,18 @@ interval of the mean (Student t). Plateaued: the seeds whose last {stats.PLATEAU
 held-out evaluations lie within {100 * stats.PLATEAU_TOLERANCE:.1f} points of each other; a
 row that has not plateaued may still be rising, and its rank is that of its budget. Shift
 consistency: the probability that two random shifts (up to {experiment.max_shift} pixels,
-circular) of a test image get the same top-1 class (Zhang 2019). Train time excludes
-compilation and evaluation; images/s is the median over logging intervals.
+circular) of a test image get the same top-1 class (Zhang 2019). With flip TTA: the accuracy
+of the mean softmax of each test image and its mirror image (measured when the run trained
+with flips). Train time excludes compilation and evaluation; images/s is the median over
+logging intervals.
 
+{published_section(experiment, rows)}
 ![learning curves](learning_curves.png)
 ![accuracy vs parameters](accuracy_vs_params.png)
 ![accuracy vs FLOPs](accuracy_vs_flops.png)
 ![shift consistency](shift_consistency.png)
 
-Produced by `python -m experiments run {spec}{seeds_flag(experiment, spec)} --output={output}`
+Produced by `{command}`
 on {env.get("device_count", "?")} x
 {env.get("device_kind", "?")} ({env.get("platform", "?")}, {env.get("cpu_count", "?")} CPU cores),
 {commits_line(envs)}; {versions}.

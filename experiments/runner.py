@@ -130,7 +130,7 @@ def commands(experiment: Experiment, output: Path) -> list[str]:
 SLURM_SIGNAL_SECONDS = 120
 
 
-def slurm_script(experiment: Experiment, output: Path, spec: str) -> str:
+def slurm_script(experiment: Experiment, output: Path, spec: str, runs: Path | None = None) -> str:
     """Returns a SLURM job-array script: one array task per run; each task's training uses
     every GPU of its allocation and, over several nodes, jax.distributed (auto-detected).
 
@@ -142,7 +142,9 @@ def slurm_script(experiment: Experiment, output: Path, spec: str) -> str:
     exists, evaluation when eval/latest/eval.json does.
     """
     # Long because the bash script it returns is written out here, as the user will read it.
-    entries = _train_eval_commands(experiment, output)
+    runs = Path(runs) if runs is not None else Path(output)
+    runs_flag = "" if runs == Path(output) else f" --runs={runs}"
+    entries = _train_eval_commands(experiment, runs)
 
     def array(values) -> str:
         return "\n".join(f"  {shlex.quote(str(v))}" for v in values)
@@ -156,7 +158,7 @@ def slurm_script(experiment: Experiment, output: Path, spec: str) -> str:
 #   JAX's accelerator plugin: CONVNETS_EXTRA=cuda12|cuda13|tpu|none sbatch {output}/slurm.sh
 #   (default auto: cuda13 for an NVIDIA driver >= 580, cuda12 below, none without one); the
 #   first task installs it into $CONVNETS_VENV (default .venv), the others wait for it.
-# Then, when all tasks are done: python -m experiments report {spec} --output={output}
+# Then, when all tasks are done: python -m experiments report {spec} --output={output}{runs_flag}
 # Adjust the resources to your cluster. With --nodes>1, train.py starts jax.distributed from
 # SLURM's environment (config.distributed.initialize=auto) and trains on every node's devices.
 # Time limit and preemption: SLURM sends SIGTERM {SLURM_SIGNAL_SECONDS} s before the limit

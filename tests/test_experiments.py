@@ -1,5 +1,6 @@
 """The experiment runner: a tiny experiment end to end, its report, skipping, cluster scripts."""
 
+import dataclasses
 import json
 import os
 import re
@@ -196,14 +197,16 @@ def test_commands_and_slurm_script(tmp_path):
     assert check.returncode == 0, check.stderr
 
 
-def _fake_finished_run(workdir: Path, config, metrics_tail: str = "") -> None:
+def _fake_finished_run(
+    workdir: Path, config, metrics_tail: str = "", accuracy: float = 0.5
+) -> None:
     """A finished run's files, as train.py leaves them (without training: the numbers are
     made up)."""
     workdir.mkdir(parents=True)
     (workdir / "config.json").write_text(config.to_json(indent=2))
     results = {
         "eval_split": "test",
-        "test_accuracy": 0.5,
+        "test_accuracy": accuracy,
         "params": 1000,
         "flops_per_image": 2e6,
         "train_seconds": 3.0,
@@ -250,16 +253,111 @@ def test_report_drops_a_partial_metrics_line(tmp_path, caplog):
     assert sum("dropped 1 line(s)" in r.getMessage() for r in caplog.records) == 4
 
 
+def test_experiments_sharing_a_runs_folder_train_a_row_of_one_name_once():
+    """Rows of the same name in two experiments of one variant (families' resnet20 and
+    resnet_depth's, ...) must be the same run, or a shared --runs folder would refuse them."""
+    for variant in experiments.VARIANTS:
+        seen = {}
+        for name in experiments.NAMES:
+            if name == "detection" or variant not in experiments.variants(name):
+                continue
+            for run in experiments.get(f"{name}:{variant}").runs:
+                config = runner.build_config(run, seed=0).to_dict()
+                if run.name in seen:
+                    assert config == seen[run.name][1], (variant, run.name, seen[run.name][0])
+                else:
+                    seen[run.name] = (name, config)
+    shared = experiments.get("families:fashion_mnist").runs
+    assert {r.name for r in shared} <= {
+        r.name
+        for n in ("pooling_vs_strided", "resnet_depth", "weight_sharing")
+        for r in experiments.get(f"{n}:fashion_mnist").runs
+    }
+
+
+def test_a_report_from_a_shared_runs_folder(tmp_path):
+    experiment = tiny_experiment()
+    runs, output = tmp_path / "runs", tmp_path / "report"
+    for run in experiment.runs:
+        for seed in experiment.seeds:
+            _fake_finished_run(runner.run_dir(runs, run, seed), runner.build_config(run, seed))
+    report.write(experiment, output, "tiny", runs=runs)
+    text = (output / "report.md").read_text()
+    assert f"--output={output} --runs={runs}`" in text
+    assert all((output / name).exists() for name in report.PLOTS)
+    assert not (runs / "report.md").exists()
+    report.write(experiment, runs, "tiny")  # the default: the runs' own folder
+    assert f"--output={runs}`" in (runs / "report.md").read_text()
+
+
+def _rows(accuracies: dict[str, list[float]]) -> list[dict]:
+    return [
+        {"name": name, "seeds": [{"results": {"test_accuracy": a}} for a in values]}
+        for name, values in accuracies.items()
+    ]
+
+
+def test_the_report_sets_its_numbers_beside_the_published_ones():
+    from experiments import Ordering, Reference
+
+    experiment = tiny_experiment()
+    rows = _rows({"plain": [0.90, 0.91, 0.92], "pooled_avg": [0.80, 0.81, 0.82]})
+    # disjoint 95 % intervals (91 +- 2.5, 81 +- 2.5): plain is above pooled_avg
+    published = {"plain": Reference(0.935, "Paper A, Table 1")}
+    orderings = (
+        Ordering("plain", "pooled_avg", "A 6 %, B 7 %"),
+        Ordering("pooled_avg", "plain", "B 5 %, A 7 %"),
+        Ordering("plain", "pooled_avg", "A 6 %, B 6.1 %", tied=True),
+    )
+    with_refs = dataclasses.replace(experiment, published=published, orderings=orderings)
+    text = report.published_section(with_refs, rows)
+    assert "| plain | 91.00 | 93.50 | -2.50 | Paper A, Table 1 |" in text
+    assert "| plain > pooled_avg | A 6 %, B 7 % | plain 91.00 > pooled_avg 81.00 | yes |" in text
+    assert "| pooled_avg > plain | B 5 %, A 7 % | pooled_avg 81.00 < plain 91.00 | no |" in text
+    assert "| plain ≈ pooled_avg | A 6 %, B 6.1 % | plain 91.00 > pooled_avg 81.00 | no |" in text
+    # overlapping intervals: tied, which does not settle a published strict ordering
+    tied = _rows({"plain": [0.90, 0.92, 0.94], "pooled_avg": [0.89, 0.91, 0.93]})
+    text = report.published_section(with_refs, tied)
+    assert "| plain 92.00 tied with pooled_avg 91.00 | not resolved: tied here |" in text
+    assert "| plain 92.00 tied with pooled_avg 91.00 | yes |" in text  # the tied=True one
+    # a row not run yet, and an experiment with no published results
+    text = report.published_section(with_refs, _rows({"pooled_avg": [0.8, 0.81]}))
+    assert "| plain | not run yet | 93.50 | – |" in text and "| not run yet | – |" in text
+    assert report.published_section(experiment, rows) == ""
+
+
+def test_a_variant_can_narrow_its_rows():
+    assert [r.name for r in experiments.get("resnet_depth:fashion_mnist").runs] == [
+        "resnet20",
+        "resnet32",
+    ]
+    assert len(experiments.get("resnet_depth:cifar10").runs) == 5
+    with pytest.raises(ValueError, match="unknown rows"):
+        experiments.define("x", "?", {"a": "plain"}, budgets={}, seeds={}, rows={"small": ("b",)})(
+            "small"
+        )
+
+
 def test_report_without_a_finished_run_says_so(tmp_path):
+    runs = tmp_path / "runs"
     out = subprocess.run(
-        [sys.executable, "-m", "experiments", "report", "families:small", f"--output={tmp_path}"],
+        [
+            sys.executable,
+            "-m",
+            "experiments",
+            "report",
+            "families:small",
+            f"--output={tmp_path}",
+            f"--runs={runs}",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert out.returncode != 0
-    assert "error: no finished run of families:small" in out.stderr
+    assert f"error: no finished run of families:small in {runs} yet" in out.stderr
+    assert f"--output={tmp_path} --runs={runs}` first" in out.stderr
     assert "report written" not in out.stderr + out.stdout and "Traceback" not in out.stderr
 
 
