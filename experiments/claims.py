@@ -6,6 +6,7 @@ of `evaluation.invariance`, `evaluation.probes` and `evaluation.patches`).
     python -m experiments.claims run seed_claims:small     # train and evaluate what is missing
     python -m experiments.claims report seed_claims:small  # from finished, evaluated runs
     [--output=DIR]                                         # default runs/NAME_VARIANT
+    [--runs=DIR] [--seeds=..]                              # as for python -m experiments
 
 `run` trains and evaluates what is missing through the experiment runner (eval's default
 measures), adds the experiment's opt-in measures (`seed_claims.MEASURES`) to each run's
@@ -338,16 +339,21 @@ def sharing_section(rows: list[dict], output: Path, variant: str) -> tuple[str, 
     return "\n".join(lines) + "\n", summary
 
 
-def write(experiment: Experiment, output: Path, spec: str) -> str:
+def write(experiment: Experiment, output: Path, spec: str, runs: Path | None = None) -> str:
     """Writes claims.md, claims.json (the numbers behind the sentences) and the claims_*.png
-    figures into `output`; returns the Markdown. UserError when no run is finished."""
+    figures into `output` from the runs in `runs` (default: `output`); returns the Markdown.
+    UserError when no run is finished."""
     output = Path(output)
-    rows = collect(experiment, output)
+    runs = Path(runs) if runs is not None else output
+    flags = f"{report_lib.seeds_flag(experiment, spec)} --output={output}"
+    flags += report_lib.runs_flag(output, runs)
+    rows = collect(experiment, runs)
     if not any(row["evals"] for row in rows):
         raise UserError(
-            f"no finished, evaluated run of {spec} in {output} yet: nothing to report. Run "
-            f"`python -m experiments.claims run {spec} --output={output}` first."
+            f"no finished, evaluated run of {spec} in {runs} yet: nothing to report. Run "
+            f"`python -m experiments.claims run {spec}{flags}` first."
         )
+    output.mkdir(parents=True, exist_ok=True)
     variant = spec.partition(":")[2] or "small"
     first, invariance = invariance_section(rows, output, experiment.max_shift)
     second, hierarchy = hierarchy_section(rows, output)
@@ -365,7 +371,7 @@ def write(experiment: Experiment, output: Path, spec: str) -> str:
             first,
             second,
             third,
-            f"Produced by `python -m experiments.claims run {spec} --output={output}`.",
+            f"Produced by `python -m experiments.claims run {spec}{flags}`.",
             "",
         ]
     )
@@ -392,12 +398,15 @@ def main(argv):
         from experiments import runner
 
         experiment = experiments.get(spec)
+        if _SEEDS.value:
+            experiment = experiments.with_seeds(experiment, _SEEDS.value)
         output = Path(_OUTPUT.value or Path("runs") / spec.replace(":", "_"))
+        runs = Path(_RUNS.value) if _RUNS.value else output
         if action == "run":
-            runner.run_missing(experiment, output)
-            evaluate_missing(experiment, output)
-            report_lib.write(experiment, output, spec)
-        write(experiment, output, spec)
+            runner.run_missing(experiment, runs)
+            evaluate_missing(experiment, runs)
+            report_lib.write(experiment, output, spec, runs)
+        write(experiment, output, spec, runs)
     except UserError as e:
         sys.exit(f"error: {e}")
     logging.info("claims report written to %s", output / "claims.md")
@@ -412,4 +421,6 @@ if __name__ == "__main__":
     from absl import app, flags
 
     _OUTPUT = flags.DEFINE_string("output", None, "Output folder (default: runs/NAME_VARIANT).")
+    _RUNS = flags.DEFINE_string("runs", None, "Folder of the runs (default: the output folder).")
+    _SEEDS = flags.DEFINE_list("seeds", [], "Seeds instead of the experiment's own (e.g. 0).")
     app.run(main)

@@ -83,3 +83,8 @@ def test_seed_claims_end_to_end_on_a_tiny_budget(tmp_path):
         assert (output / grid).is_file() and f"]({grid})" in text
         assert f"- **{run.name}**: probe accuracy" in text
     assert set(numbers["invariance"]) == {r.name for r in experiment.runs}
+    # the same claims written elsewhere from these runs (--runs): figures and text move
+    elsewhere = tmp_path / "claims_elsewhere"
+    moved = claims.write(experiment, elsewhere, "seed_claims:small", runs=output)
+    assert f"--output={elsewhere} --runs={output}`" in moved
+    assert (elsewhere / "claims_probes.png").is_file() and (elsewhere / "claims.md").is_file()
