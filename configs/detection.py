@@ -110,6 +110,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # --- test time (section 3 / 4: per-class NMS) ---------------------------------------------
     d.nms_iou = 0.3  # greedy per-class NMS threshold (R-CNN's 0.3)
-    d.score_threshold = 0.01  # class scores below this are not detections
+    # class scores below this are not detections (py-faster-rcnn test_net and Detectron: 0.05)
+    d.score_threshold = 0.05
     d.max_detections = 100  # per image, after NMS (COCO's maximum)
     return c

@@ -5,12 +5,13 @@ covers [i, i + 1), so a box's width is x2 - x1 and a one-pixel box is (i, j, i +
 (R-CNN's Caffe code used inclusive pixel indices, width x2 - x1 + 1; the continuous form is
 COCO's and TFDS's, and needs no +1 anywhere.) Arrays hold boxes on their last axis, [..., 4].
 
-Everything here works on NumPy arrays or JAX arrays (`iou`, `encode`, `decode`, `nms_mask`
-are jit-able); `nms` is the NumPy convenience around `nms_mask` that returns indices.
+`iou`, `encode` and `decode` work on NumPy or JAX arrays (and are jit-able); `nms` runs on the
+host, after the network, through OpenCV.
 """
 
 from __future__ import annotations
 
+import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,58 +81,27 @@ def clip(boxes, height: int, width: int):
     return xp.clip(boxes, 0, limits)
 
 
-def nms_mask(boxes, scores, classes=None, *, threshold: float = 0.3, valid=None) -> jax.Array:
-    """Greedy non-maximum suppression, per class; jit-able (fixed shapes).
-
-    Visits the boxes [N, 4] by decreasing score [N] and keeps a box unless a kept box of the
-    same class (`classes` [N] int; None: one class) overlaps it with IoU > `threshold`.
-    `valid` [N] bool leaves boxes out altogether (padding). Returns bool [N] in the input's
-    order: True for the kept boxes. R-CNN used threshold 0.3 at test time.
-    """
-    boxes = jnp.asarray(boxes, jnp.float32)
-    scores = jnp.asarray(scores, jnp.float32)
-    n = boxes.shape[0]
-    if n == 0:
-        return jnp.zeros((0,), bool)
-    classes = jnp.zeros((n,), jnp.int32) if classes is None else jnp.asarray(classes)
-    valid = jnp.ones((n,), bool) if valid is None else jnp.asarray(valid, bool)
-    order = jnp.argsort(-scores, stable=True)
-    b, c, v = boxes[order], classes[order], valid[order]
-    # suppresses[j, i]: box j (earlier, higher score) suppresses box i if j is kept
-    suppresses = (iou(b, b) > threshold) & (c[:, None] == c[None, :])
-    suppresses &= jnp.arange(n)[:, None] < jnp.arange(n)[None, :]
-
-    def visit(i, keep):
-        return keep.at[i].set(v[i] & ~jnp.any(keep & suppresses[:, i]))
-
-    keep = jax.lax.fori_loop(0, n, visit, jnp.zeros((n,), bool))
-    return jnp.zeros((n,), bool).at[order].set(keep)
-
-
-_nms_mask_jit = jax.jit(nms_mask)
-
-
 def nms(boxes, scores, classes=None, *, threshold: float = 0.3) -> np.ndarray:
-    """Returns int [K]: the indices of the boxes `nms_mask` keeps, by decreasing score.
+    """Greedy non-maximum suppression, per class: returns int [K], the indices of the kept
+    boxes [N, 4] by decreasing score [N] (ties in input order). A box is kept unless a kept box
+    of the same class (`classes` [N] int; None: one class) with a higher score overlaps it with
+    IoU > `threshold` (R-CNN used 0.3 at test time).
 
-    Compiled once per power-of-two size bucket (the boxes are padded with invalid ones)."""
-    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-    scores = np.asarray(scores, np.float32)
+    OpenCV's `cv2.dnn.NMSBoxesBatched` (C++) does the work: per class through its coordinate
+    offset, with the same IoU as `iou` (widths x2 - x1). The boxes are moved to non-negative
+    coordinates first (IoU does not change), which its offset between classes assumes."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    scores = np.asarray(scores, np.float32).reshape(-1)
     n = len(boxes)
     if n == 0:
         return np.zeros((0,), np.int64)
     classes = np.zeros(n, np.int32) if classes is None else np.asarray(classes, np.int32)
-    bucket = max(16, 1 << (n - 1).bit_length())
-    pad = bucket - n
-    keep = _nms_mask_jit(
-        np.pad(boxes, ((0, pad), (0, 0))),
-        np.pad(scores, (0, pad), constant_values=-np.inf),
-        np.pad(classes, (0, pad)),
-        threshold=np.float32(threshold),
-        valid=np.arange(bucket) < n,
+    xy = boxes[:, :2] - min(0.0, float(boxes.min()))
+    xywh = np.concatenate([xy, boxes[:, 2:] - boxes[:, :2]], axis=1)
+    kept = cv2.dnn.NMSBoxesBatched(
+        xywh.tolist(), scores.tolist(), classes.tolist(), -np.inf, float(threshold)
     )
-    keep = np.asarray(keep)[:n]
-    kept = np.flatnonzero(keep)
+    kept = np.asarray(kept, np.int64).reshape(-1)
     return kept[np.argsort(-scores[kept], kind="stable")]
 
 

@@ -77,12 +77,14 @@ def test_nms_hand_computed():
     assert boxes.nms(b, scores, threshold=0.5).tolist() == [1, 4, 2]
 
 
-def test_nms_jit_and_padding():
-    b = jnp.array([[0, 0, 10, 10], [0, 0, 10, 10], [50, 50, 60, 60]], jnp.float32)
-    s = jnp.array([0.2, 0.9, 0.1])
-    valid = jnp.array([True, False, True])  # the best box is padding: it suppresses nothing
-    keep = jax.jit(lambda b, s, v: boxes.nms_mask(b, s, valid=v, threshold=0.5))(b, s, valid)
-    assert keep.tolist() == [True, False, True]
+def test_nms_classes_never_suppress_each_other_and_ties_keep_input_order():
+    # the same box in two classes at negative coordinates: OpenCV's per-class offset alone
+    # would make them overlap (its offset assumes coordinates >= 0)
+    b = np.array([[-50, -50, -40, -40], [-50, -50, -40, -40], [-49, -50, -39, -40]], np.float32)
+    assert boxes.nms(b, np.array([0.9, 0.8, 0.7]), np.array([0, 1, 0])).tolist() == [0, 1]
+    # equal scores: the earlier box wins
+    assert boxes.nms(b[[0, 2]], np.array([0.5, 0.5]), threshold=0.3).tolist() == [0]
+    assert boxes.nms(np.zeros((0, 4)), np.zeros(0)).tolist() == []
 
 
 @_SETTINGS
