@@ -93,7 +93,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # preset with K + 1 outputs, plus the box regressor on the features before them.
     # the workdir of a classification run (train.py) of the same model preset whose best
     # checkpoint initialises the backbone (the paper starts from ImageNet classifiers); '':
-    # the backbone starts from random weights
+    # the backbone starts from random weights; '{seed}' in it stands for the run's seed
     d.backbone_workdir = ""
     # R-CNN: the side of the warped regions, the classifier's input; 0 = the image size of
     # the classification dataset `dataset.name` (builtin: dataset.builtin_image_size, 32;

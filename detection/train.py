@@ -340,6 +340,12 @@ def predict_step(state, images, rois, *, graphdef, config, mean, std):
     return jax.nn.softmax(scores).reshape(b, p, k + 1), boxes.reshape(b, p, k, 4)
 
 
+def backbone_workdir(config: ml_collections.ConfigDict) -> str:
+    """`detection.backbone_workdir` with '{seed}' replaced by the run's seed (one experiment
+    row then starts each seed's detector from the classifier of that seed)."""
+    return config.detection.backbone_workdir.replace("{seed}", str(config.seed))
+
+
 def with_pretrained_backbone(state, workdir: str, config, specs, mesh):
     """Returns `state` with the backbone's parameters (and BatchNorm statistics) taken from
     the best checkpoint of the classification run in `workdir` (train.py's), whose model
@@ -473,7 +479,8 @@ def _build(config, specs, workdir, restore, train) -> Run:
     def create():
         state = init()
         if d.backbone_workdir:
-            state = with_pretrained_backbone(state, d.backbone_workdir, config, specs, mesh)
+            backbone = backbone_workdir(config)
+            state = with_pretrained_backbone(state, backbone, config, specs, mesh)
         return state
 
     step, state, meta = setup_lib.initial_state(restore, lambda: jax.eval_shape(init), create)

@@ -3,10 +3,15 @@
     python -m experiments.detection run detection:small           # built-in scenes, CPU minutes
     python -m experiments.detection run detection:fashion_mnist   # Fashion-MNIST scenes (GPU)
     python -m experiments.detection report detection:small        # from finished runs
-    [--output=DIR] [--seeds=0,1] [--only=rcnn]                    # default runs/NAME_VARIANT
+    [--output=DIR] [--runs=DIR] [--seeds=0,1] [--only=rcnn]       # default runs/NAME_VARIANT
 
-Both methods train the `pooled_max` preset from random weights (the papers start from
-ImageNet classifiers) on the same scenes, with the same selective-search proposals, optimizer,
+Both methods train the `pooled_max` preset on the same scenes. On Fashion-MNIST scenes both
+start from the same classifier, as the papers start from ImageNet classifiers: the families
+experiment's `pooled_max` run of the same seed (trained on the Fashion-MNIST items at 28 x 28),
+found in (or first trained into) the runs folder, `--runs` (default: the output folder), so
+`--runs=runs/fashion_mnist` reuses the families runs. On the built-in scenes they start from
+random weights (families:small's classifiers see 16-pixel images without clutter). Both use
+the same selective-search proposals, optimizer,
 number of steps and 128 RoIs per step, 25 % of them foreground (R-CNN's 32 + 96, Fast R-CNN's
 2 x 64), and are tested on the same test scenes with the same per-class NMS and AP code. What
 differs is the method: R-CNN warps every proposal to the classifier's input (32 x 32 on the
@@ -57,6 +62,9 @@ BUDGETS = {
     },
 }
 SEEDS = {"small": (0,), "fashion_mnist": (0, 1, 2)}
+# The classification row whose best checkpoint of the same seed starts both detectors, per
+# variant: (experiment, row) in the same runs folder.
+BACKBONES = {"fashion_mnist": ("families", PRESET)}
 VARIANTS = tuple(BUDGETS)  # no cifar10: there are no CIFAR scenes
 # the papers' VOC 2007 test mAP (with bounding-box regression), for the report
 PAPERS = {
@@ -65,15 +73,42 @@ PAPERS = {
 }
 
 
-def get_experiment(variant: str = "small") -> Experiment:
-    """The experiment's runs on `variant` (small: built-in scenes; fashion_mnist)."""
+def get_experiment(variant: str = "small", runs: Path | None = None) -> Experiment:
+    """The experiment's runs on `variant` (small: built-in scenes; fashion_mnist); with the
+    runs folder `runs`, the variant's detectors start from its backbone classifier there."""
     if variant not in BUDGETS:
         raise UserError(f"unknown variant detection:{variant}; choose one of {', '.join(BUDGETS)}")
-    runs = tuple(
-        Run(mode, f"configs/detection.py:{PRESET},{SCENES[variant]},{mode}", BUDGETS[variant])
+    overrides = dict(BUDGETS[variant])
+    if variant in BACKBONES and runs is not None:
+        row = backbone_run(variant)
+        overrides["detection.backbone_workdir"] = str(Path(runs) / row.name / "seed_{seed}")
+    runs_ = tuple(
+        Run(mode, f"configs/detection.py:{PRESET},{SCENES[variant]},{mode}", overrides)
         for mode in METHODS
     )
-    return Experiment("detection", QUESTION, runs, SEEDS[variant])
+    return Experiment("detection", QUESTION, runs_, SEEDS[variant])
+
+
+def backbone_run(variant: str) -> Run | None:
+    """The classification run (a row of another experiment) that starts the detectors of
+    `variant`, or None (random initialisation)."""
+    if variant not in BACKBONES:
+        return None
+    import experiments
+
+    source, row = BACKBONES[variant]
+    return next(r for r in experiments.get(f"{source}:{variant}").runs if r.name == row)
+
+
+def train_backbones(variant: str, seeds: tuple[int, ...], runs: Path) -> list[Path]:
+    """Trains and evaluates the backbone classifier of each seed that `runs` lacks (the
+    classification runner: skipped when finished, resumed when interrupted)."""
+    row = backbone_run(variant)
+    if row is None:
+        return []
+    source = BACKBONES[variant][0]
+    classifier = Experiment(source, "", (row,), seeds, max_shift=4)
+    return runner.run_missing(classifier, runs)
 
 
 def run_missing(experiment: Experiment, output: Path, only: tuple[str, ...] = ()) -> list[Path]:
@@ -173,16 +208,20 @@ def plot(rows: list[dict], output: Path) -> Path:
     return path
 
 
-def write_report(experiment: Experiment, output: Path, spec: str) -> str:
-    """Writes report.md, results.json (the collected numbers) and ap.png; returns the table
-    and the speed-up line."""
+def write_report(experiment: Experiment, output: Path, spec: str, runs: Path | None = None) -> str:
+    """Writes report.md, results.json (the collected numbers) and ap.png into `output` from
+    the runs in `runs` (default: `output`); returns the table and the speed-up line."""
     output = Path(output)
-    rows = collect(experiment, output)
+    runs = Path(runs) if runs is not None else output
+    flags = f"{report.seeds_flag(experiment, spec)} --output={output}"
+    flags += report.runs_flag(output, runs)
+    rows = collect(experiment, runs)
     if not rows:
         raise UserError(
-            f"no finished run of {spec} in {output} yet: nothing to report. Run "
-            f"`python -m experiments.detection run {spec} --output={output}` first."
+            f"no finished run of {spec} in {runs} yet: nothing to report. Run "
+            f"`python -m experiments.detection run {spec}{flags}` first."
         )
+    output.mkdir(parents=True, exist_ok=True)
     speed, flops = ratio(rows, "test_images_per_s"), ratio(rows, "test_flops_per_image")
     verdict = (
         f"Fast R-CNN tests **{speed:.1f}x** as many images per second as R-CNN (target: >= "
@@ -193,7 +232,7 @@ def write_report(experiment: Experiment, output: Path, spec: str) -> str:
     )
     table = markdown_table(rows) + "\n\n" + verdict
     plot(rows, output)
-    envs = report.run_environments(experiment, output, rows)
+    envs = report.run_environments(experiment, runs, rows)
     env = envs[0] if envs else {}
     machine = (
         f"{env.get('device_count', '?')} x {env.get('device_kind', '?')} "
@@ -202,6 +241,12 @@ def write_report(experiment: Experiment, output: Path, spec: str) -> str:
     papers = "\n".join(f"- {METHODS[name]}: VOC 2007 mAP {text}" for name, text in PAPERS.items())
     first = build_config(experiment.runs[0], experiment.seeds[0])
     d = first.detection
+    start = (
+        f"the classifier in `{d.backbone_workdir}` (its best checkpoint; the class and box "
+        "layers new)"
+        if d.backbone_workdir
+        else "random weights"
+    )
     text = f"""# Experiment `{spec}`
 
 **Question.** {experiment.question}
@@ -227,13 +272,13 @@ images at ~500 px, 2,000 proposals per image):
 
 {papers}
 
-Here both methods start from random weights on {d.train_scenes} training scenes, with
+Here both methods start from {start} and train on {d.train_scenes} training scenes, with
 {first.training.num_steps} steps of {first.optimizer.name} and box regression trained
 jointly (R-CNN's paper fits linear SVMs and ridge box regressors on the fine-tuned features;
 here its softmax scores and a box layer are fine-tuned with the same multi-task loss as Fast
 R-CNN).
 
-Produced by `python -m experiments.detection run {spec} --output={output}` on {machine},
+Produced by `python -m experiments.detection run {spec}{flags}` on {machine},
 {report.commits_line(envs)}.
 """
     (output / "report.md").write_text(text)
@@ -268,22 +313,26 @@ def main(argv: list[str]) -> None:
         sys.exit(
             f"usage: python -m experiments.detection {{{'|'.join(ACTIONS)}}} detection[:VARIANT]"
         )
-    unknown = set(options) - {"output", "seeds", "only"}
+    unknown = set(options) - {"output", "runs", "seeds", "only"}
     if unknown:
-        sys.exit(f"error: unknown flag --{sorted(unknown)[0]}; flags: --output, --seeds, --only")
+        sys.exit(
+            f"error: unknown flag --{sorted(unknown)[0]}; flags: --output, --runs, --seeds, --only"
+        )
     action, spec = args
     try:
         name, _, variant = spec.partition(":")
         if name != "detection":
             raise UserError(f"{spec}: this program runs the detection experiment only")
-        experiment = get_experiment(variant or "small")
+        output = Path(options.get("output") or Path("runs") / spec.replace(":", "_"))
+        runs = Path(options.get("runs") or output)
+        experiment = get_experiment(variant or "small", runs)
         if options.get("seeds"):
             experiment = with_seeds(experiment, options["seeds"].split(","))
-        output = Path(options.get("output") or Path("runs") / spec.replace(":", "_"))
         if action == "run":
             only = tuple(filter(None, options.get("only", "").split(",")))
-            run_missing(experiment, output, only)
-        table = write_report(experiment, output, spec)
+            train_backbones(variant or "small", experiment.seeds, runs)
+            run_missing(experiment, runs, only)
+        table = write_report(experiment, output, spec, runs)
     except loop.Preempted as e:  # SIGTERM or Ctrl-C mid-run: its checkpoint is saved
         logging.warning("%s", e)
         sys.exit(e.exit_code)

@@ -25,6 +25,23 @@ def test_the_experiment_compares_the_two_methods_on_the_same_scenes():
         experiments.get("detection:cifar10")
 
 
+def test_fashion_mnist_detectors_start_from_the_classifier_of_their_seed(tmp_path):
+    from detection import train
+
+    experiment = experiment_lib.get_experiment("fashion_mnist", runs=tmp_path)
+    classifier = runner.build_config(experiment_lib.backbone_run("fashion_mnist"), 0)
+    assert classifier.dataset.name == "fashion_mnist" and classifier.seed == 0
+    for run in experiment.runs:
+        for seed in (0, 2):
+            config = runner.build_config(run, seed)
+            assert train.backbone_workdir(config) == str(tmp_path / "pooled_max" / f"seed_{seed}")
+            # the model sections agree, as with_pretrained_backbone requires
+            assert config.model.to_dict() == classifier.model.to_dict()
+    small = experiment_lib.get_experiment("small", runs=tmp_path)
+    assert all("detection.backbone_workdir" not in run.overrides for run in small.runs)
+    assert experiment_lib.train_backbones("small", (0,), tmp_path) == []
+
+
 def test_the_classification_runner_refuses_detection_runs(tmp_path):
     experiment = experiments.get("detection:small")
     with pytest.raises(UserError, match="python -m experiments.detection run"):
