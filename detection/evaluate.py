@@ -96,8 +96,9 @@ def coco_ap(
     max_detections: int = 100,
 ) -> dict:
     """Returns {'ap': AP@[.5:.95], 'ap50', 'ap75', 'per_class': {name: AP@[.5:.95]},
-    'per_class_ap50': {...}, 'images', 'objects', 'detections'} for images of
-    `image_size` (height, width)."""
+    'per_class_ap50': {...}, 'pr50': {name: precision at COCO's 101 recall points
+    (0, 0.01, ..., 1) at IoU 0.5, interpolated as COCO does, 0 beyond the highest recall},
+    'images', 'objects', 'detections'} for images of `image_size` (height, width)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -115,7 +116,7 @@ def coco_ap(
     if not results:
         zeros = {name: 0.0 for c, name in enumerate(class_names)}
         return {"ap": 0.0, "ap50": 0.0, "ap75": 0.0, "per_class": zeros,
-                "per_class_ap50": dict(zeros), **summary}  # fmt: skip
+                "per_class_ap50": dict(zeros), "pr50": {}, **summary}  # fmt: skip
     categories = [{"id": c + 1, "name": name} for c, name in enumerate(class_names)]
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO()
@@ -130,12 +131,13 @@ def coco_ap(
     # precision [T IoU thresholds, R recall points, K classes, A areas, M maxDets]; area 'all',
     # the largest maxDets; -1 marks a class without ground truth
     precision = evaluation.eval["precision"][:, :, :, 0, -1]
-    per_class, per_class_50 = {}, {}
+    per_class, per_class_50, pr50 = {}, {}, {}
     for c, name in enumerate(class_names):
         p = precision[:, :, c]
         if (p > -1).any():
             per_class[name] = float(p[p > -1].mean())
             per_class_50[name] = float(p[0][p[0] > -1].mean())
+            pr50[name] = [round(float(v), 4) for v in p[0]]
     stats = evaluation.stats
     return {
         "ap": float(stats[0]),
@@ -143,6 +145,7 @@ def coco_ap(
         "ap75": float(stats[2]),
         "per_class": per_class,
         "per_class_ap50": per_class_50,
+        "pr50": pr50,
         **summary,
     }
 

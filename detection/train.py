@@ -43,7 +43,7 @@ import data
 from configs import schema
 from detection import boxes as box_ops
 from detection import evaluate as evaluate_lib
-from detection import fast_rcnn, rcnn, regions, scenes
+from detection import fast_rcnn, rcnn, regions, scenes, voc
 from detection import proposals as proposals_lib
 from errors import UserError
 from models import summary as model_summary
@@ -72,18 +72,29 @@ def validate(config: ml_collections.ConfigDict) -> list:
     raises UserError naming the first bad field."""
     if "detection" not in config:
         raise UserError("config has no 'detection' section: use configs/detection.py")
-    schema.validate(config)
+    _require(
+        config.dataset.name in regions.SCENES,
+        "scenes",
+        f"dataset.name={config.dataset.name!r}: scenes exist for {', '.join(regions.SCENES)}",
+    )
     d = config.detection
+    if config.dataset.name == "voc2007":
+        if config.dataset.source not in voc.SOURCES:
+            raise UserError(
+                f"config.dataset.source={config.dataset.source!r}: VOC 2007 is read from "
+                f"{', '.join(voc.SOURCES)}"
+            )
+        _require(
+            d.validation_scenes == 0,
+            "validation_scenes",
+            "VOC 2007 scenes are VOC's trainval (train) and test: set it to 0",
+        )
+    schema.validate(classifier_config(config))
     _require(d.mode in MODES, "mode", f"{d.mode!r} is not one of {', '.join(MODES)}")
     _require(
         isinstance(d.warp_size, int) and d.warp_size >= 0,
         "warp_size",
         "must be an integer >= 0 (0: the classification dataset's image size)",
-    )
-    _require(
-        config.dataset.name in ("builtin", "fashion_mnist"),
-        "scenes",
-        f"dataset.name={config.dataset.name!r}: scenes exist for builtin, fashion_mnist",
     )
     _require(d.image_size >= 32, "image_size", "must be >= 32")
     for field in ("train_scenes", "test_scenes", "max_proposals", "test_proposals"):
@@ -125,16 +136,30 @@ def validate(config: ml_collections.ConfigDict) -> list:
     )
     _require(0 < d.nms_iou <= 1, "nms_iou", "must be in (0, 1]")
     _require(0 <= d.score_threshold < 1, "score_threshold", "must be in [0, 1)")
-    channels = 3 if config.dataset.name == "builtin" else 1
+    num_classes = len(regions.SCENES[config.dataset.name].class_names)
     if d.mode == "rcnn":
-        return rcnn.detector_specs(config.model, warp_shape(config), 10)
-    return fast_rcnn.detector_specs(config.model, (d.image_size, d.image_size, channels), 10, d)
+        return rcnn.detector_specs(config.model, warp_shape(config), num_classes)
+    channels = data.dataset_info(classifier_config(config).dataset).image_shape[2]  # scenes'
+    return fast_rcnn.detector_specs(
+        config.model, (d.image_size, d.image_size, channels), num_classes, d
+    )
+
+
+def classifier_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` whose dataset.name is the classification dataset of its scenes
+    (`regions.SCENES`: itself for builtin and fashion_mnist, cifar10 for voc2007): what
+    `configs.schema` checks the shared sections against, and the images a backbone's
+    classifier was trained on."""
+    copy = config.copy_and_resolve_references()
+    copy.dataset.name = regions.SCENES[config.dataset.name].classifier
+    return copy
 
 
 def warp_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
     """R-CNN's warped regions (H, W, C): detection.warp_size, or the image shape of the
-    classification dataset `dataset.name` (a classifier trained on it fits)."""
-    shape = data.dataset_info(config.dataset).image_shape
+    classification dataset of the scenes (`classifier_config`: a classifier trained on it
+    fits); C is that dataset's channels (the scenes')."""
+    shape = data.dataset_info(classifier_config(config).dataset).image_shape
     size = config.detection.warp_size or shape[0]
     return (size, size, shape[2])
 
@@ -527,6 +552,9 @@ def detections_of(probs: np.ndarray, boxes: np.ndarray, valid: np.ndarray, d) ->
     return candidates[kept], found[kept], classes[kept]
 
 
+EXAMPLES = 6  # test images whose detections evaluate() keeps for the figures
+
+
 def evaluate(run: Run, state, split: str) -> dict:
     """Returns the detection measures of `state` on the scenes of `split`: COCO AP@[.5:.95],
     AP50, AP75, per-class AP (pycocotools), the VOC 2007 11-point mAP at IoU 0.5, and the test
@@ -566,6 +594,12 @@ def evaluate(run: Run, state, split: str) -> dict:
         "images": len(data_split),
         "detections": coco["detections"],
         "images_per_s": len(data_split) / max(seconds, 1e-9),
+        "pr50": coco["pr50"],
+        # the detections of the first test images, for the figures (detection.figures)
+        "examples": [
+            {"boxes": b.round(2).tolist(), "scores": s.round(4).tolist(), "classes": c.tolist()}
+            for b, s, c in detections[:EXAMPLES]
+        ],
     }
 
 

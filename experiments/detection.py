@@ -208,6 +208,47 @@ def plot(rows: list[dict], output: Path) -> Path:
     return path
 
 
+def draw_figures(experiment: Experiment, runs: Path, output: Path) -> str:
+    """Draws, from the first seed's runs, each method's detections on the first test scenes,
+    the proposals of the first test scene, and both methods' precision-recall curves
+    (`detection.figures`) into `output`; returns their Markdown ('' for runs that predate the
+    figures)."""
+    from detection import figures, regions
+
+    seed, test, curves, lines = experiment.seeds[0], None, {}, []
+    for run in experiment.runs:
+        path = run_dir(runs, run, seed) / TRAINED
+        final = json.loads(path.read_text())["final"]["test"] if path.exists() else {}
+        if "examples" not in final:
+            continue
+        config = build_config(run, seed)
+        if test is None:
+            test = regions.load_scenes(config)["test"]
+            first = regions.proposal_cache(config.detection).get_all(test.images[:1])[0]
+            figures.proposals_figure(
+                output / "proposals.png", test.images[0], first, test.objects(0)[0]
+            )
+            lines.append("![the proposals of a test scene](proposals.png)")
+        examples = final["examples"]
+        truth = [test.objects(i) for i in range(len(examples))]
+        name = f"detections_{run.name}.png"
+        label = METHODS.get(run.name, run.name)
+        figures.detections_grid(
+            output / name,
+            test.images[: len(examples)],
+            truth,
+            examples,
+            test.class_names,
+            title=f"{label}, seed {seed}: detections (solid) and ground truth (dashed)",
+        )
+        lines.append(f"![{label}'s detections]({name})")
+        curves[label] = final["pr50"]
+    if curves:
+        figures.pr_curves(output / "pr_curves.png", curves)
+        lines.append("![precision-recall curves at IoU 0.5](pr_curves.png)")
+    return "\n\n".join(lines)
+
+
 def write_report(experiment: Experiment, output: Path, spec: str, runs: Path | None = None) -> str:
     """Writes report.md, results.json (the collected numbers) and ap.png into `output` from
     the runs in `runs` (default: `output`); returns the table and the speed-up line."""
@@ -232,6 +273,7 @@ def write_report(experiment: Experiment, output: Path, spec: str, runs: Path | N
     )
     table = markdown_table(rows) + "\n\n" + verdict
     plot(rows, output)
+    drawn = draw_figures(experiment, runs, output)
     envs = report.run_environments(experiment, runs, rows)
     env = envs[0] if envs else {}
     machine = (
@@ -254,6 +296,8 @@ def write_report(experiment: Experiment, output: Path, spec: str, runs: Path | N
 {table}
 
 ![AP per class and AP50](ap.png)
+
+{drawn}
 
 AP on the {d.test_scenes} test scenes ({first.dataset.name}, {d.image_size}x{d.image_size})
 of the final model: AP50, AP75 and AP@[.5:.95] by pycocotools, VOC07 mAP the PASCAL VOC 2007

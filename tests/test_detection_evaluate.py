@@ -26,6 +26,7 @@ def test_perfect_detections_score_one():
     assert r["ap75"] == pytest.approx(1.0)
     assert r["per_class"] == pytest.approx({"a": 1.0, "b": 1.0})
     assert (r["images"], r["objects"], r["detections"]) == (3, 3, 3)
+    assert r["pr50"] == {"a": [1.0] * 101, "b": [1.0] * 101}  # the curves behind AP50
 
 
 def test_a_false_positive_above_a_true_one_halves_the_ap():
@@ -36,6 +37,7 @@ def test_a_false_positive_above_a_true_one_halves_the_ap():
     # precision 1/2 at recall 1, so the interpolated precision is 1/2 at every recall point
     assert r["ap"] == pytest.approx(0.5) and r["ap50"] == pytest.approx(0.5)
     assert set(r["per_class"]) == {"a"}  # class b has no ground truth: no AP
+    assert r["pr50"] == {"a": [0.5] * 101}
 
 
 def test_two_objects_with_a_false_positive_between_them():

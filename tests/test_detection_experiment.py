@@ -6,6 +6,7 @@ import json
 import pytest
 
 import experiments
+from data import builtin
 from errors import UserError
 from experiments import detection as experiment_lib
 from experiments import runner
@@ -91,7 +92,13 @@ def test_small_variant_runs_and_reports_end_to_end(tmp_path):
     summary = json.loads((output / "results.json").read_text())
     assert summary["fast_over_rcnn_test_speed"] == pytest.approx(ratio)
     assert (output / "ap.png").stat().st_size > 0
-    assert "VOC 2007 mAP 58.5" in (output / "report.md").read_text()
+    text = (output / "report.md").read_text()
+    assert "VOC 2007 mAP 58.5" in text
+    for figure in ("proposals", "detections_rcnn", "detections_fast_rcnn", "pr_curves"):
+        assert (output / f"{figure}.png").stat().st_size > 5000 and f"]({figure}.png)" in text
+    for result in results.values():  # what the figures are drawn from
+        assert len(result["final"]["test"]["examples"]) == 6
+        assert set(result["final"]["test"]["pr50"]) <= set(builtin.CLASS_NAMES)
     # finished runs are skipped; another config's finished run in the folder is refused
     assert experiment_lib.run_missing(experiment, output) == []
     changed = dataclasses.replace(
