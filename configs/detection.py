@@ -1,19 +1,29 @@
 """Detection (R-CNN, Girshick et al. 2014, arXiv 1311.2524; Fast R-CNN, Girshick 2015, arXiv
-1504.08083) on scenes of the built-in shapes or of Fashion-MNIST items, with a project
-classifier as the network.
+1504.08083) on scenes of the built-in shapes, of Fashion-MNIST items or PASCAL VOC 2007's
+photographs, with a project classifier as the network.
 
     python -m detection train --config=configs/detection.py:pooled_max --workdir=runs/det
     python -m detection train --config=configs/detection.py:resnet20,fashion_mnist ...
     python -m detection train --config=configs/detection.py:pooled_max,builtin,rcnn ...
+    python -m detection train --config=configs/detection.py:pooled_max,voc2007 \
+        --config.dataset.source=files --config.dataset.data_dir=~/voc ...
 
 The argument names the model preset (`models.PRESETS`), then optionally the scenes:
-`builtin` (default: the built-in dataset's shapes, no files) or `fashion_mnist`
-(Fashion-MNIST items from the official idx files, `dataset.data_dir`), then optionally the
-method (`detection.mode`): `fast_rcnn` (default) or `rcnn`. Every section of
-`configs/base.py` keeps its meaning (model, optimizer, schedule, training, distributed; the
-batch is `training.batch_size` images); `dataset.name` picks the scenes' objects and
-`dataset.data_dir` their files. The other dataset fields (sizes, crop augmentation,
-on_device) are the classification pipeline's and unused here. The `detection` section below
+`builtin` (default: the built-in dataset's shapes, no files), `fashion_mnist`
+(Fashion-MNIST items from the official idx files, `dataset.data_dir`) or `voc2007` (PASCAL
+VOC 2007, `detection/voc.py`: trainval to train, test to test; each image stretched to
+detection.image_size square, difficult objects left out), then optionally the method
+(`detection.mode`): `fast_rcnn` (default) or `rcnn`. VOC 2007 is read as
+`dataset.source` says: 'tfds' reads TFDS 'voc/2007' prepared as array_record in
+`dataset.data_dir` ('' = TFDS's default, ~/tensorflow_datasets; preparing needs internet and
+TensorFlow: `tfds build voc/2007 --file_format=array_record`); 'files' reads the official
+VOCtrainval_06-Nov-2007.tar and VOCtest_06-Nov-2007.tar (or the VOCdevkit folder they extract
+to) in the folder `dataset.data_dir`, offline; 'auto' (default) the files when that folder
+holds them, else TFDS. Every section of `configs/base.py` keeps its meaning (model,
+optimizer, schedule, training, distributed; the batch is `training.batch_size` images);
+`dataset.name` picks the scenes' objects and `dataset.data_dir` their files. The other
+dataset fields (sizes, crop augmentation, on_device) are the classification pipeline's and
+unused here. The `detection` section below
 holds everything detection adds, each field with its source.
 """
 
@@ -21,7 +31,7 @@ import ml_collections
 
 from configs import base, fashion_mnist
 
-SCENES = ("builtin", "fashion_mnist")
+SCENES = ("builtin", "fashion_mnist", "voc2007")
 MODES = ("fast_rcnn", "rcnn")
 
 
@@ -61,9 +71,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # warped to the classifier's input and classified on its own (Girshick et al. 2014)
     d.mode = mode
     # --- scenes (detection/scenes.py) -------------------------------------------------------
-    d.image_size = 96  # side of the square scenes, pixels
+    d.image_size = 96  # side of the square scenes, pixels (VOC: each photograph stretched to it)
     d.train_scenes = 1_000  # training scenes (training items only, for Fashion-MNIST)
     d.test_scenes = 200  # test scenes (test items only, for Fashion-MNIST)
+    if scenes == "voc2007":  # all of VOC 2007 trainval and test; fewer: the first N of each
+        d.train_scenes, d.test_scenes = 5_011, 4_952
     # scenes held out of the training stream (own seed, training items) for model selection;
     # 0: the periodic evaluation uses the test scenes (dataset.eval_split must be 'test')
     d.validation_scenes = 0
@@ -96,8 +108,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # the backbone starts from random weights; '{seed}' in it stands for the run's seed
     d.backbone_workdir = ""
     # R-CNN: the side of the warped regions, the classifier's input; 0 = the image size of
-    # the classification dataset `dataset.name` (builtin: dataset.builtin_image_size, 32;
-    # fashion_mnist: 28), so a classifier trained by train.py on it fits (paper: 227)
+    # the scenes' classification dataset (builtin: dataset.builtin_image_size, 32;
+    # fashion_mnist: 28; voc2007: CIFAR-10's 32), so a classifier trained by train.py on it
+    # fits (paper: 227)
     d.warp_size = 0
     d.roi_size = 7  # the RoI pooling grid H x W (paper: 7 x 7 for VGG16)
     # Fast R-CNN: the FC layers after the RoI pooling (paper: 4096, 4096)

@@ -4,6 +4,8 @@ Preparing (download + convert) does need TensorFlow: `python -m data prepare NAM
 `prepare`), installed by `pip install -e '.[tfds]'`.
 """
 
+from collections.abc import Callable
+
 import numpy as np
 
 from errors import UserError
@@ -58,12 +60,23 @@ def _why_unreadable(tfds, name: str, data_dir: str, error: Exception) -> str:
         return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
-def _open(tfds, name: str, split: str, data_dir: str):
+def data_source(
+    name: str,
+    split: str,
+    data_dir: str,
+    *,
+    not_prepared: Callable[[str, str, str], str] = not_prepared_message,
+):
+    """Returns `tfds.data_source` of `split` (TFDS's split syntax, e.g. 'train+validation') of
+    TFDS dataset `name` prepared as array_record in `data_dir` ('' = TFDS's default folder).
+    Never downloads: raises UserError with `not_prepared(name, data_dir, cause)` when the
+    dataset cannot be read."""
+    tfds = _import_tfds()
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
     except Exception as e:  # TFDS raises several types for a missing or tfrecord-only dataset
         cause = _why_unreadable(tfds, name, data_dir, e)
-        raise UserError(not_prepared_message(name, data_dir, cause)) from e
+        raise UserError(not_prepared(name, data_dir, cause)) from e
 
 
 def _to_arrays(source, indices: np.ndarray) -> Arrays:
@@ -80,10 +93,9 @@ def read(name: str, data_dir: str) -> dict[str, Arrays]:
     Returns {split: (images uint8 [N, H, W, C], labels int32 [N])}. Raises UserError with the
     commands to run when the dataset is not prepared (never downloads).
     """
-    tfds = _import_tfds()
     splits = {}
     for split in ("train", "test"):
-        source = _open(tfds, name, split, data_dir)
+        source = data_source(name, split, data_dir)
         splits[split] = _to_arrays(source, np.arange(len(source)))
     return splits
 

@@ -24,9 +24,10 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
+from data import builtin
 from detection import boxes as box_ops
 from detection import proposals as proposals_lib
-from detection import rcnn, scenes
+from detection import rcnn, scenes, voc
 from errors import UserError
 
 
@@ -42,13 +43,42 @@ class Pool:
     max_iou: list[np.ndarray]
 
 
+@dataclasses.dataclass(frozen=True)
+class SceneKind:
+    """What is known of a kind of scenes without loading any: its class names, and the
+    classification dataset (`data.catalog`) whose images are like its objects, so that its
+    classifiers fit the detector (the input channels, R-CNN's default warp size)."""
+
+    class_names: tuple[str, ...]
+    classifier: str
+
+
+# config.dataset.name -> its scenes; VOC's photographs are like CIFAR-10's (natural, RGB)
+SCENES = {
+    "builtin": SceneKind(builtin.CLASS_NAMES, "builtin"),
+    "fashion_mnist": SceneKind(scenes.FASHION_MNIST_CLASSES, "fashion_mnist"),
+    "voc2007": SceneKind(voc.CLASS_NAMES, "cifar10"),
+}
+
+
 def load_scenes(config: ml_collections.ConfigDict) -> dict[str, scenes.Scenes]:
     """Returns {'train', 'test'} (and 'validation' when detection.validation_scenes > 0) of
-    the config's scenes (dataset.name: builtin | fashion_mnist)."""
+    the config's scenes (dataset.name: builtin | fashion_mnist | voc2007)."""
     d, name = config.detection, config.dataset.name
     sizes = {"train": d.train_scenes, "test": d.test_scenes}
     if d.validation_scenes:
         sizes["validation"] = d.validation_scenes
+    if name == "voc2007":  # the first N images of each split (VOC's trainval, test)
+        return {
+            split: voc.voc2007_scenes(
+                split,
+                n,
+                source=config.dataset.source,
+                data_dir=config.dataset.data_dir,
+                image_size=d.image_size,
+            )
+            for split, n in sizes.items()
+        }
     # validation scenes: training items (as the training scenes), their own seed
     seeds = {"train": scenes.TRAIN_SEED, "test": scenes.TEST_SEED, "validation": 2}
     out = {}
