@@ -290,7 +290,10 @@ def _from_tfds(split: str, n: int, data_dir: str) -> Iterator[Image]:
     )
     what = f"TFDS {TFDS_NAME} {TFDS_SPLITS[split]}"
     _check_count(n, len(source), what)
-    fix = f"prepare {TFDS_NAME} again (`tfds build {TFDS_NAME} --overwrite`)"
+    fix = (
+        f"prepare {TFDS_NAME} again (`tfds build {TFDS_NAME} "
+        f"--file_format={tfds_source.PREPARE_FORMAT} --overwrite`)"
+    )
     for i in range(n):
         example = source[i]
         name = example["image/filename"]
