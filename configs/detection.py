@@ -121,6 +121,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.bbox_loss_weight = 1.0
     d.bbox_target_std = (0.1, 0.1, 0.2, 0.2)
 
+    # --- R-CNN's class scores (detection/svm.py) ----------------------------------------------
+    # 'softmax': the fine-tuned network's (as Fast R-CNN); 'svm': the paper's per-class linear
+    # SVMs on the fine-tuned features, with hard negative mining (section 2.3, appendix B)
+    d.rcnn_scores = "softmax"
+    d.svm_train_scenes = 200  # training scenes whose regions the SVMs are fitted on
+    d.svm_negative_iou = 0.3  # negatives: IoU below this with every object of the class
+    d.svm_positive_weight = 2.0  # the paper's w1
+    d.svm_cache_size = 5000  # hard negatives kept per class
+    d.svm_mining_rounds = 3  # fits, each followed by a pass over all negatives
+
     # --- test time (section 3 / 4: per-class NMS) ---------------------------------------------
     d.nms_iou = 0.3  # greedy per-class NMS threshold (R-CNN's 0.3)
     # class scores below this are not detections (py-faster-rcnn test_net and Detectron: 0.05)

@@ -177,8 +177,15 @@ class RCNN(nnx.Module):
         )
 
     def __call__(self, images, rois, roi_image, *, train: bool = False, rngs=None):
+        scores, deltas, _ = self.forward(images, rois, roi_image, train=train, rngs=rngs)
+        return scores, deltas
+
+    def forward(self, images, rois, roi_image, *, train: bool = False, rngs=None):
+        """`__call__`'s (scores, deltas) and the features [R, D] that feed both (flattened):
+        what R-CNN's SVMs read (`detection.svm`)."""
         regions = warp(images, rois, roi_image, size=self.size).astype(images.dtype)
         features = self.backbone(regions, train=train, rngs=rngs).astype(images.dtype)
         scores = self.classifier(features, train=train, rngs=rngs)
-        deltas = self.bbox(features.reshape(features.shape[0], -1)).astype(jnp.float32)
-        return scores, deltas.reshape(deltas.shape[0], -1, 4)
+        flat = features.reshape(features.shape[0], -1)
+        deltas = self.bbox(flat).astype(jnp.float32)
+        return scores, deltas.reshape(deltas.shape[0], -1, 4), flat.astype(jnp.float32)

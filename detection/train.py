@@ -44,6 +44,7 @@ from configs import schema
 from detection import boxes as box_ops
 from detection import evaluate as evaluate_lib
 from detection import fast_rcnn, rcnn, regions, scenes, voc
+from detection import svm as svm_lib
 from detection import proposals as proposals_lib
 from errors import UserError
 from models import summary as model_summary
@@ -136,6 +137,18 @@ def validate(config: ml_collections.ConfigDict) -> list:
     )
     _require(0 < d.nms_iou <= 1, "nms_iou", "must be in (0, 1]")
     _require(0 <= d.score_threshold < 1, "score_threshold", "must be in [0, 1)")
+    _require(
+        d.rcnn_scores in ("softmax", "svm"), "rcnn_scores", f"{d.rcnn_scores!r}: softmax or svm"
+    )
+    _require(
+        d.rcnn_scores == "softmax" or d.mode == "rcnn",
+        "rcnn_scores",
+        "'svm' is R-CNN's (detection.mode='rcnn'); Fast R-CNN scores with its softmax",
+    )
+    for field in ("svm_train_scenes", "svm_cache_size", "svm_mining_rounds"):
+        _require(d[field] >= 1, field, "must be >= 1")
+    _require(0 < d.svm_negative_iou <= 1, "svm_negative_iou", "must be in (0, 1]")
+    _require(d.svm_positive_weight > 0, "svm_positive_weight", "must be > 0")
     num_classes = len(regions.SCENES[config.dataset.name].class_names)
     if d.mode == "rcnn":
         return rcnn.detector_specs(config.model, warp_shape(config), num_classes)
@@ -344,7 +357,8 @@ def train_step(state, batch, *, graphdef, tx, config, mean, std):
 def predict_step(state, images, rois, *, graphdef, config, mean, std):
     """Returns (class probabilities [B, P, K + 1], boxes [B, P, K, 4]: each RoI regressed
     for each class, clipped to the image) for uint8 images [B, S, S, C] and their RoIs
-    [B, P, 4], in eval mode. Fast R-CNN computes the feature map once per image; R-CNN runs
+    [B, P, 4], in eval mode; R-CNN with `detection.rcnn_scores = 'svm'` returns the RoIs'
+    features [B, P, D] in place of the probabilities (`detection.svm` scores them). Fast R-CNN computes the feature map once per image; R-CNN runs
     the images one after the other (its B x P warped regions at once would not fit)."""
     d = config.detection
     b, p = rois.shape[:2]
@@ -352,8 +366,8 @@ def predict_step(state, images, rois, *, graphdef, config, mean, std):
     model = nnx.merge(graphdef, state["params"], state["batch_stats"], state["other"])
     flat = rois.reshape(-1, 4)
     if d.mode == "rcnn":
-        scores, deltas = jax.lax.map(
-            lambda args: model(args[0][None], args[1], jnp.zeros(p, jnp.int32)), (x, rois)
+        scores, deltas, features = jax.lax.map(
+            lambda args: model.forward(args[0][None], args[1], jnp.zeros(p, jnp.int32)), (x, rois)
         )
         scores, deltas = scores.reshape(b * p, -1), deltas.reshape(b * p, -1, 4)
     else:
@@ -362,6 +376,8 @@ def predict_step(state, images, rois, *, graphdef, config, mean, std):
     boxes = box_ops.decode(flat[:, None, :], deltas)
     boxes = box_ops.clip(boxes, d.image_size, d.image_size)
     k = deltas.shape[1]
+    if d.mode == "rcnn" and d.rcnn_scores == "svm":  # the SVMs score them on the host
+        return features, boxes.reshape(b, p, k, 4)
     return jax.nn.softmax(scores).reshape(b, p, k + 1), boxes.reshape(b, p, k, 4)
 
 
@@ -563,6 +579,7 @@ def evaluate(run: Run, state, split: str) -> dict:
     d, e = run.config.detection, run.config.training.eval_batch_size
     data_split = run.scenes[split]
     rois, valid = regions.test_rois(run.proposals[split], d.test_proposals)
+    svms = svm_lib.fit_for(run, state) if d.mode == "rcnn" and d.rcnn_scores == "svm" else None
     detections = []
     start = time.perf_counter()
     for first in range(0, len(data_split), e):
@@ -575,6 +592,8 @@ def evaluate(run: Run, state, split: str) -> dict:
         probs, boxes = jax.device_get(
             run.predict_step(state, images, batch_rois.astype(np.float32))
         )
+        if svms is not None:
+            probs = svm_lib.class_probabilities(probs, svms)
         for i in range(real):
             detections.append(detections_of(probs[i], boxes[i], valid[first + i], d))
     seconds = time.perf_counter() - start
