@@ -44,8 +44,8 @@ from configs import schema
 from detection import boxes as box_ops
 from detection import evaluate as evaluate_lib
 from detection import fast_rcnn, rcnn, regions, scenes, voc
-from detection import svm as svm_lib
 from detection import proposals as proposals_lib
+from detection import svm as svm_lib
 from errors import UserError
 from models import summary as model_summary
 from training import checkpoint as ckpt_lib
@@ -358,8 +358,9 @@ def predict_step(state, images, rois, *, graphdef, config, mean, std):
     """Returns (class probabilities [B, P, K + 1], boxes [B, P, K, 4]: each RoI regressed
     for each class, clipped to the image) for uint8 images [B, S, S, C] and their RoIs
     [B, P, 4], in eval mode; R-CNN with `detection.rcnn_scores = 'svm'` returns the RoIs'
-    features [B, P, D] in place of the probabilities (`detection.svm` scores them). Fast R-CNN computes the feature map once per image; R-CNN runs
-    the images one after the other (its B x P warped regions at once would not fit)."""
+    features [B, P, D] in place of the probabilities (`detection.svm` scores them). Fast
+    R-CNN computes the feature map once per image; R-CNN runs the images one after the other
+    (its B x P warped regions at once would not fit)."""
     d = config.detection
     b, p = rois.shape[:2]
     x = data.normalize(images, mean, std, jnp.dtype(config.model.dtype))
