@@ -208,6 +208,30 @@ def plot(rows: list[dict], output: Path) -> Path:
     return path
 
 
+RECALL_COUNTS = (10, 50, 100, 300, 500)
+
+
+def recall_section(proposals: list, truth: list) -> str:
+    """The Markdown table of the test scenes' proposal recall at IoU 0.5 and 0.7 against the
+    number of proposals kept per image (`detection.proposals.recall`)."""
+    from detection import proposals as proposals_lib
+
+    found = proposals_lib.recall(proposals, truth, counts=RECALL_COUNTS)
+    mean = sum(map(len, proposals)) / max(len(proposals), 1)
+    head = " | ".join(f"{n}" for n in RECALL_COUNTS)
+    lines = [
+        f"Proposal recall on the {len(proposals)} test scenes (selective search, {mean:.0f} "
+        "proposals per scene on average): the fraction of the objects that one of a scene's "
+        "first N proposals covers at IoU >= 0.5 / 0.7.",
+        "",
+        f"| IoU | {head} |",
+        "|---|" + "---:|" * len(RECALL_COUNTS),
+    ]
+    for t, by_count in found.items():
+        lines.append(f"| {t} | " + " | ".join(f"{by_count[n]:.3f}" for n in RECALL_COUNTS) + " |")
+    return "\n".join(lines)
+
+
 def draw_figures(experiment: Experiment, runs: Path, output: Path) -> str:
     """Draws, from the first seed's runs, each method's detections on the first test scenes,
     the proposals of the first test scene, and both methods' precision-recall curves
@@ -224,10 +248,11 @@ def draw_figures(experiment: Experiment, runs: Path, output: Path) -> str:
         config = build_config(run, seed)
         if test is None:
             test = regions.load_scenes(config)["test"]
-            first = regions.proposal_cache(config.detection).get_all(test.images[:1])[0]
+            found = regions.proposal_cache(config.detection).get_all(test.images)
             figures.proposals_figure(
-                output / "proposals.png", test.images[0], first, test.objects(0)[0]
+                output / "proposals.png", test.images[0], found[0], test.objects(0)[0]
             )
+            lines.append(recall_section(found, [test.objects(i)[0] for i in range(len(test))]))
             lines.append("![the proposals of a test scene](proposals.png)")
         examples = final["examples"]
         truth = [test.objects(i) for i in range(len(examples))]

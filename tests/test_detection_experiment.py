@@ -94,6 +94,7 @@ def test_small_variant_runs_and_reports_end_to_end(tmp_path):
     assert (output / "ap.png").stat().st_size > 0
     text = (output / "report.md").read_text()
     assert "VOC 2007 mAP 58.5" in text
+    assert "| IoU | 10 | 50 | 100 | 300 | 500 |" in text and "| 0.5 | " in text  # recall
     for figure in ("proposals", "detections_rcnn", "detections_fast_rcnn", "pr_curves"):
         assert (output / f"{figure}.png").stat().st_size > 5000 and f"]({figure}.png)" in text
     for result in results.values():  # what the figures are drawn from
