@@ -74,6 +74,7 @@ class Experiment:
     max_shift: int = 8  # largest shift of the translation measurements in eval
     published: Mapping[str, Reference] = dataclasses.field(default_factory=dict)
     orderings: tuple[Ordering, ...] = ()
+    task: str = "classification"  # or "detection": which programs train and evaluate a run
 
 
 def preset_runs(
@@ -182,10 +183,24 @@ def variants(name: str) -> tuple[str, ...]:
     return getattr(importlib.import_module(f"experiments.{name}"), "VARIANTS", VARIANTS)
 
 
-def get(spec: str) -> Experiment:
-    """Returns the experiment named 'NAME[:VARIANT]' (variant defaults to 'small')."""
+def get(spec: str, runs=None) -> Experiment:
+    """Returns the experiment named 'NAME[:VARIANT]' (variant defaults to 'small'). An
+    experiment whose runs depend on other runs (detection's backbone classifiers) takes the
+    runs folder `runs` to point at them."""
     name, _, variant = spec.partition(":")
     if name not in NAMES:
         raise UserError(f"unknown experiment {name!r}; choose one of {', '.join(NAMES)}")
     module = importlib.import_module(f"experiments.{name}")
+    if runs is not None and hasattr(module, "prerequisite"):
+        return module.get_experiment(variant or "small", runs=runs)
     return module.get_experiment(variant or "small")
+
+
+def prerequisite(spec: str, seeds: tuple[int, ...]) -> Experiment | None:
+    """The runs that experiment `spec`'s runs start from (detection's backbone classifiers,
+    to be trained first in the same runs folder), or None."""
+    name, _, variant = spec.partition(":")
+    module = importlib.import_module(f"experiments.{name}")
+    if not hasattr(module, "prerequisite"):
+        return None
+    return module.prerequisite(variant or "small", seeds)

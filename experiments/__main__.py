@@ -44,19 +44,27 @@ def main(argv):
         raise app.UsageError(f"usage: python -m experiments {{{'|'.join(ACTIONS)}}} NAME[:VARIANT]")
     action, spec = argv[1], argv[2]
     try:
-        experiment = experiments.get(spec)
-        if _SEEDS.value:
-            experiment = experiments.with_seeds(experiment, _SEEDS.value)
         output = Path(_OUTPUT.value or Path("runs") / spec.replace(":", "_"))
         runs = Path(_RUNS.value) if _RUNS.value else output
-        if action == "commands":
-            print("\n".join(runner.commands(experiment, runs)))
+        experiment = experiments.get(spec, runs if action in ("commands", "slurm") else None)
+        if _SEEDS.value:
+            experiment = experiments.with_seeds(experiment, _SEEDS.value)
+        first = experiments.prerequisite(spec, experiment.seeds)
+        if action == "commands":  # the runs these start from first, in the same folder
+            before = runner.commands(first, runs) if first is not None else []
+            print("\n".join([*before, *runner.commands(experiment, runs)]))
             return
         if action == "slurm":
             output.mkdir(parents=True, exist_ok=True)
             path = output / "slurm.sh"
             path.write_text(runner.slurm_script(experiment, output, spec, runs))
             print(f"wrote {path}: submit it with `sbatch {path}`")
+            if first is not None:
+                print(
+                    f"its runs start from {first.name}'s {first.runs[0].name} runs in {runs}: "
+                    f"train those first (`python -m experiments slurm {first.name}:"
+                    f"{spec.partition(':')[2]} --only={first.runs[0].name} --runs={runs}`)"
+                )
             return
         if action == "run":
             runner.run_missing(experiment, runs, tuple(_ONLY.value))

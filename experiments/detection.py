@@ -86,7 +86,7 @@ def get_experiment(variant: str = "small", runs: Path | None = None) -> Experime
         Run(mode, f"configs/detection.py:{PRESET},{SCENES[variant]},{mode}", overrides)
         for mode in METHODS
     )
-    return Experiment("detection", QUESTION, runs_, SEEDS[variant])
+    return Experiment("detection", QUESTION, runs_, SEEDS[variant], task="detection")
 
 
 def backbone_run(variant: str) -> Run | None:
@@ -100,15 +100,20 @@ def backbone_run(variant: str) -> Run | None:
     return next(r for r in experiments.get(f"{source}:{variant}").runs if r.name == row)
 
 
+def prerequisite(variant: str, seeds: tuple[int, ...]) -> Experiment | None:
+    """The backbone classifiers of `variant`'s detectors, one per seed, as an experiment of
+    their own (None: the detectors start from random weights)."""
+    row = backbone_run(variant)
+    if row is None:
+        return None
+    return Experiment(BACKBONES[variant][0], "", (row,), tuple(seeds), max_shift=4)
+
+
 def train_backbones(variant: str, seeds: tuple[int, ...], runs: Path) -> list[Path]:
     """Trains and evaluates the backbone classifier of each seed that `runs` lacks (the
     classification runner: skipped when finished, resumed when interrupted)."""
-    row = backbone_run(variant)
-    if row is None:
-        return []
-    source = BACKBONES[variant][0]
-    classifier = Experiment(source, "", (row,), seeds, max_shift=4)
-    return runner.run_missing(classifier, runs)
+    classifiers = prerequisite(variant, seeds)
+    return [] if classifiers is None else runner.run_missing(classifiers, runs)
 
 
 def run_missing(experiment: Experiment, output: Path, only: tuple[str, ...] = ()) -> list[Path]:

@@ -103,18 +103,31 @@ def _flag_value(value) -> str:
     return str(value)
 
 
+# Per task (Experiment.task): the program that trains a run (with --config, --workdir and
+# --config.* flags), the one that evaluates it into WORKDIR/eval/latest/eval.json (its extra
+# flags), and the one that reports the experiment.
+PROGRAMS = {
+    "classification": ("python train.py", "python eval.py", "--max_shift={max_shift}"),
+    "detection": ("python -m detection train", "python -m detection eval", "--checkpoint=latest"),
+}
+REPORT_PROGRAMS = {
+    "classification": "python -m experiments report",
+    "detection": "python -m experiments.detection report",
+}
+
+
 def _train_eval_commands(experiment: Experiment, output: Path) -> list[tuple[Path, str, str]]:
     """(workdir, train command, eval command) per (run, seed), in the experiment's order."""
+    train, evaluate, eval_flags = PROGRAMS[experiment.task]
     out = []
     for run in experiment.runs:
         for seed in experiment.seeds:
             workdir = run_dir(output, run, seed)
             args = [f"--config={run.config}", f"--workdir={workdir}", f"--config.seed={seed}"]
             args += [f"--config.{k}={_flag_value(v)}" for k, v in run.overrides.items()]
-            train_cmd = " ".join(["python", "train.py", *map(shlex.quote, args)])
-            eval_cmd = (
-                f"python eval.py --workdir={shlex.quote(str(workdir))}"
-                f" --max_shift={experiment.max_shift}"
+            train_cmd = " ".join([train, *map(shlex.quote, args)])
+            eval_cmd = f"{evaluate} --workdir={shlex.quote(str(workdir))} " + eval_flags.format(
+                max_shift=experiment.max_shift
             )
             out.append((workdir, train_cmd, eval_cmd))
     return out
@@ -144,6 +157,7 @@ def slurm_script(experiment: Experiment, output: Path, spec: str, runs: Path | N
     # Long because the bash script it returns is written out here, as the user will read it.
     runs = Path(runs) if runs is not None else Path(output)
     runs_flag = "" if runs == Path(output) else f" --runs={runs}"
+    report = REPORT_PROGRAMS[experiment.task]
     entries = _train_eval_commands(experiment, runs)
 
     def array(values) -> str:
@@ -158,7 +172,7 @@ def slurm_script(experiment: Experiment, output: Path, spec: str, runs: Path | N
 #   JAX's accelerator plugin: CONVNETS_EXTRA=cuda12|cuda13|tpu|none sbatch {output}/slurm.sh
 #   (default auto: cuda13 for an NVIDIA driver >= 580, cuda12 below, none without one); the
 #   first task installs it into $CONVNETS_VENV (default .venv), the others wait for it.
-# Then, when all tasks are done: python -m experiments report {spec} --output={output}{runs_flag}
+# Then, when all tasks are done: {report} {spec} --output={output}{runs_flag}
 # Adjust the resources to your cluster. With --nodes>1, train.py starts jax.distributed from
 # SLURM's environment (config.distributed.initialize=auto) and trains on every node's devices.
 # Time limit and preemption: SLURM sends SIGTERM {SLURM_SIGNAL_SECONDS} s before the limit

@@ -197,6 +197,34 @@ def test_commands_and_slurm_script(tmp_path):
     assert check.returncode == 0, check.stderr
 
 
+def test_detection_commands_train_the_backbones_first_with_detection_programs(tmp_path):
+    runs = tmp_path / "runs"
+    lines = _experiments_cli(
+        "commands", "detection:fashion_mnist", f"--output={tmp_path}", f"--runs={runs}"
+    ).splitlines()
+    seeds = experiments.get("detection:fashion_mnist").seeds
+    # the families pooled_max classifier of each seed, then R-CNN and Fast R-CNN per seed
+    assert len(lines) == 3 * len(seeds)
+    for line, seed in zip(lines, seeds, strict=False):
+        assert line.startswith("python train.py --config=configs/fashion_mnist.py:pooled_max")
+        assert f"--workdir={runs}/pooled_max/seed_{seed} " in line
+    detectors = lines[len(seeds) :]
+    assert all(line.startswith("python -m detection train --config=configs/detection.py:")
+               for line in detectors)  # fmt: skip
+    assert f"--config.detection.backbone_workdir={runs}/pooled_max/seed_{{seed}}" in detectors[0]
+    assert (
+        f"python -m detection eval --workdir={runs}/rcnn/seed_0 --checkpoint=latest"
+        in (detectors[0])
+    )
+    out = _experiments_cli("slurm", "detection:small", f"--output={tmp_path}")
+    script = (tmp_path / "slurm.sh").read_text()
+    assert script.count("python -m detection train") == 2 and "python train.py" not in script
+    assert "python -m experiments.detection report detection:small" in script
+    assert "start from" not in out  # small: no backbone to train first
+    out = _experiments_cli("slurm", "detection:fashion_mnist", f"--output={tmp_path}")
+    assert "train those first" in out and "--only=pooled_max" in out
+
+
 def _fake_finished_run(
     workdir: Path, config, metrics_tail: str = "", accuracy: float = 0.5
 ) -> None:
