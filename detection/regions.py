@@ -121,8 +121,9 @@ def label_pool(
     target_std: tuple[float, ...],
 ) -> Pool:
     """Labels every training image's proposals and ground-truth boxes (see the module's
-    docstring). Raises UserError naming the image for a bad ground-truth box or a regression
-    target that is not finite (an empty proposal)."""
+    docstring); an image with neither gets the whole image as its one (background) RoI.
+    Raises UserError naming the image for a bad ground-truth box or a regression target that
+    is not finite (an empty proposal)."""
     size = data.images.shape[1:3]
     std = np.asarray(target_std, np.float32)
     rois, labels, targets, max_iou = [], [], [], []
@@ -132,6 +133,8 @@ def label_pool(
             gt_boxes, height=size[0], width=size[1], what=f"training scene {i}: ground truth"
         )
         candidates = np.concatenate([np.asarray(props, np.float32).reshape(-1, 4), gt_boxes])
+        if not len(candidates):  # no proposal and no object: the whole image, as background
+            candidates = np.array([[0, 0, size[1], size[0]]], np.float32)
         label, matched, overlap = rcnn.label_proposals(
             candidates, gt_boxes, gt_classes, positive_iou=fg_iou
         )

@@ -312,3 +312,18 @@ def test_a_scene_without_objects_trains_as_background_and_is_evaluated(tmp_path)
     assert voc_ap["per_class"]["car"] == pytest.approx(0.5)
     coco = evaluate_lib.coco_ap(truth, detections, data.class_names, image_size=(S, S))
     assert coco["images"] == 3 and coco["objects"] == 4
+
+
+def test_a_scene_without_objects_or_proposals_trains_on_the_whole_image_as_background(tmp_path):
+    data = _read("train", 3, _voc_folder(tmp_path))
+    proposals = [np.array([[0, 0, 32, 32]], np.float32)] * 2 + [np.zeros((0, 4), np.float32)]
+    pool = regions.label_pool(data, proposals, fg_iou=0.5, target_std=(0.1, 0.1, 0.2, 0.2))
+    assert pool.rois[2].tolist() == [[0, 0, S, S]] and pool.labels[2].tolist() == [0]
+    batch = regions.sample_batch(
+        pool, data, 0, batch_size=3, rois_per_image=4, fg_fraction=0.25, fg_iou=0.5,
+        bg_iou_low=0.1, flip=False, seed=0,
+    )  # fmt: skip
+    assert batch["rois"].shape == (12, 4)
+    order = regions.step_images(0, batch_size=3, num_images=3, seed=0)
+    empty = int(np.flatnonzero(order == 2)[0])
+    assert (batch["rois"][batch["roi_image"] == empty] == [0, 0, S, S]).all()
