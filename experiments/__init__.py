@@ -21,6 +21,7 @@ NAMES = (
     "pooling_vs_strided",
     "resnet_depth",
     "weight_sharing",
+    "recipe",
     "seed_claims",
     "detection",
 )
