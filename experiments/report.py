@@ -81,6 +81,8 @@ def _pm(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
     if not values:
         return "–"
     m, s = mean_std([v * scale for v in values])
+    if len(values) == 1:  # one seed: no spread to show
+        return f"{m:.{digits}f}"
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
