@@ -34,7 +34,6 @@ from detection import boxes as box_ops
 from detection import rcnn
 
 HARD, EASY = -1.0, -1.2  # appendix B: cache negatives above HARD, evict those below EASY
-WEIGHT_DECAY = 1e-4  # the L2 penalty on the weights (mean loss over weighted examples)
 MAX_ITERATIONS = 300
 TOLERANCE = 1e-5  # on the norm of the loss's gradient
 
@@ -105,6 +104,7 @@ def fit_svms(
     positive_weight: float = 2.0,
     cache_size: int = 5000,
     rounds: int = 3,
+    weight_decay: float = 0.01,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Fits one SVM per class with hard negative mining.
@@ -142,7 +142,7 @@ def fit_svms(
                 jnp.asarray(np.pad(z[index], ((0, pad), (0, 0)))),
                 jnp.asarray(np.pad(y, (0, pad)), jnp.float32),
                 jnp.asarray(np.pad(weight, (0, pad)), jnp.float32),
-                WEIGHT_DECAY,
+                weight_decay,
                 TOLERANCE,
                 iterations=MAX_ITERATIONS,
             )
@@ -207,6 +207,7 @@ def fit_for(run, state) -> dict[str, Any]:
         positive_weight=d.svm_positive_weight,
         cache_size=d.svm_cache_size,
         rounds=d.svm_mining_rounds,
+        weight_decay=d.svm_weight_decay,
         seed=run.config.seed,
     )
 

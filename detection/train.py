@@ -149,6 +149,7 @@ def validate(config: ml_collections.ConfigDict) -> list:
         _require(d[field] >= 1, field, "must be >= 1")
     _require(0 < d.svm_negative_iou <= 1, "svm_negative_iou", "must be in (0, 1]")
     _require(d.svm_positive_weight > 0, "svm_positive_weight", "must be > 0")
+    _require(d.svm_weight_decay > 0, "svm_weight_decay", "must be > 0")
     num_classes = len(regions.SCENES[config.dataset.name].class_names)
     if d.mode == "rcnn":
         return rcnn.detector_specs(config.model, warp_shape(config), num_classes)

@@ -54,11 +54,18 @@ BUDGETS = {
         "training.log_every_steps": 50,
         "schedule.warmup_steps": 20,
     },
-    # the config's scenes (1,000 train, 200 test) and proposals (upscaled 2x: recall@0.5 0.99)
+    # the config's scenes (1,000 train, 200 test) and proposals (upscaled 2x: recall@0.5 0.99).
+    # Fast R-CNN keeps the classifier's layers after its last pooling, as the paper keeps
+    # VGG16's fc6 and fc7: the RoI pooling gives the 3 x 3 map that pooled_max's class layer
+    # reads at 28 x 28 (28 -> 14 -> 7 -> 3), and no new hidden layers. Measured on seed 0 with
+    # the config's default head instead (7 x 7 RoIs, two new 256-wide FC layers, dropout 0.5,
+    # trained from scratch on 2 scenes a step): AP50 0.750 at 3,000 steps (0.740 at 2,500).
     "fashion_mnist": {
         "training.num_steps": 3_000,
         "training.eval_every_steps": 500,
         "training.checkpoint_every_steps": 500,
+        "detection.roi_size": 3,
+        "detection.hidden_widths": (),
     },
 }
 SEEDS = {"small": (0,), "fashion_mnist": (0, 1, 2)}
