@@ -107,6 +107,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # checkpoint initialises the backbone (the paper starts from ImageNet classifiers); '':
     # the backbone starts from random weights; '{seed}' in it stands for the run's seed
     d.backbone_workdir = ""
+    # what the inputs are normalised by: 'scenes' (the training scenes' per-channel mean and
+    # std) or 'backbone' (those of the backbone classifier's training images, as it learned)
+    d.input_stats = "scenes"
     # R-CNN: the side of the warped regions, the classifier's input; 0 = the image size of
     # the scenes' classification dataset (builtin: dataset.builtin_image_size, 32;
     # fashion_mnist: 28; voc2007: CIFAR-10's 32), so a classifier trained by train.py on it

@@ -150,6 +150,16 @@ def validate(config: ml_collections.ConfigDict) -> list:
     _require(0 < d.svm_negative_iou <= 1, "svm_negative_iou", "must be in (0, 1]")
     _require(d.svm_positive_weight > 0, "svm_positive_weight", "must be > 0")
     _require(d.svm_weight_decay > 0, "svm_weight_decay", "must be > 0")
+    _require(
+        d.input_stats in ("scenes", "backbone"),
+        "input_stats",
+        f"{d.input_stats!r}: scenes or backbone",
+    )
+    _require(
+        d.input_stats == "scenes" or bool(d.backbone_workdir),
+        "input_stats",
+        "'backbone' needs detection.backbone_workdir (the classifier whose statistics to use)",
+    )
     num_classes = len(regions.SCENES[config.dataset.name].class_names)
     if d.mode == "rcnn":
         return rcnn.detector_specs(config.model, warp_shape(config), num_classes)
@@ -383,6 +393,28 @@ def predict_step(state, images, rois, *, graphdef, config, mean, std):
     return jax.nn.softmax(scores).reshape(b, p, k + 1), boxes.reshape(b, p, k, 4)
 
 
+def input_stats(config: ml_collections.ConfigDict, train_images: np.ndarray) -> tuple:
+    """The per-channel (mean, std) in [0, 1] the detector's inputs are normalised by:
+    `detection.input_stats` 'scenes': the training scenes'; 'backbone': those of the images
+    the backbone classifier was trained on, so its layers see inputs scaled as they learned
+    them (the papers subtract the ImageNet mean of their pretrained networks)."""
+    if config.detection.input_stats == "backbone":
+        from evaluation import run as run_lib
+
+        classifier = run_lib.read_config(Path(backbone_workdir(config)).expanduser())
+        splits = data.load(classifier.dataset, seed=classifier.seed)
+        if len(splits.mean) != train_images.shape[-1]:
+            raise UserError(
+                f"detection.input_stats='backbone': the classifier's images have "
+                f"{len(splits.mean)} channels, the scenes {train_images.shape[-1]}"
+            )
+        return np.asarray(splits.mean, np.float32), np.asarray(splits.std, np.float32)
+    pixels = train_images.reshape(-1, train_images.shape[-1])
+    mean = (pixels.mean(axis=0) / 255.0).astype(np.float32)
+    std = (pixels.std(axis=0) / 255.0 + 1e-3).astype(np.float32)
+    return mean, std
+
+
 def backbone_workdir(config: ml_collections.ConfigDict) -> str:
     """`detection.backbone_workdir` with '{seed}' replaced by the run's seed (one experiment
     row then starts each seed's detector from the classifier of that seed)."""
@@ -513,9 +545,7 @@ def _build(config, specs, workdir, restore, train) -> Run:
             target_std=tuple(d.bbox_target_std),
         )
     flat_pool = regions.FlatPool.of(pool) if pool is not None and d.mode == "rcnn" else None
-    pixels = data_splits["train"].images.reshape(-1, data_splits["train"].images.shape[-1])
-    mean = (pixels.mean(axis=0) / 255.0).astype(np.float32)
-    std = (pixels.std(axis=0) / 255.0 + 1e-3).astype(np.float32)
+    mean, std = input_stats(config, data_splits["train"].images)
     checkpoints, restore = setup_lib.open_checkpoints(config, workdir, specs, restore)
     init, structure = _init_program(config, specs, mesh)
 

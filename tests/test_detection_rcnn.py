@@ -222,3 +222,22 @@ def test_test_flops_count_rcnn_per_proposal_and_fast_rcnn_backbone_once():
     assert det_train.test_flops_per_image(fast_specs, fast_config) == (
         sum(s.flops for s in backbone) + 100 * head
     )
+
+
+def test_inputs_can_be_normalised_as_the_backbone_classifier_learned(workdir):
+    import data
+    from evaluation import run as run_lib
+
+    scenes_images = scenes.builtin_scenes(4, seed=0, image_size=64).images
+    c = _config(**{"detection.backbone_workdir": str(workdir)})
+    mean, std = det_train.input_stats(c, scenes_images)
+    pixels = scenes_images.reshape(-1, 3) / 255.0
+    np.testing.assert_allclose(mean, pixels.mean(axis=0), atol=1e-5)
+    c.detection.input_stats = "backbone"
+    mean, std = det_train.input_stats(c, scenes_images)
+    classifier = run_lib.read_config(workdir)
+    splits = data.load(classifier.dataset, seed=classifier.seed)
+    np.testing.assert_array_equal(mean, splits.mean)
+    np.testing.assert_array_equal(std, splits.std)
+    with pytest.raises(UserError, match="'backbone' needs detection.backbone_workdir"):
+        det_train.validate(_config(**{"detection.input_stats": "backbone"}))
