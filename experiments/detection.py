@@ -60,12 +60,16 @@ BUDGETS = {
     # reads at 28 x 28 (28 -> 14 -> 7 -> 3), and no new hidden layers. Measured on seed 0 with
     # the config's default head instead (7 x 7 RoIs, two new 256-wide FC layers, dropout 0.5,
     # trained from scratch on 2 scenes a step): AP50 0.750 at 3,000 steps (0.740 at 2,500).
+    # Measured on seed 0 with this head at 3,000 steps: AP50 0.771 (R-CNN 0.836), Fast R-CNN
+    # still rising at the end; hence 6,000 steps, and inputs normalised as the classifier
+    # learned them (`input_stats`).
     "fashion_mnist": {
-        "training.num_steps": 3_000,
-        "training.eval_every_steps": 500,
-        "training.checkpoint_every_steps": 500,
+        "training.num_steps": 6_000,
+        "training.eval_every_steps": 1_000,
+        "training.checkpoint_every_steps": 1_000,
         "detection.roi_size": 3,
         "detection.hidden_widths": (),
+        "detection.input_stats": "backbone",
     },
 }
 SEEDS = {"small": (0,), "fashion_mnist": (0, 1, 2)}
