@@ -121,6 +121,7 @@ class FastRCNN(nnx.Module):
             roi_image,
             self.roi_spec.out_shape[:2],
             spatial_scale=1.0 / self.roi_spec.jump,
+            inside=True,  # proposals and ground truth lie in the image
         )
         hidden = self.trunk(pooled, train=train, rngs=rngs)
         scores = self.cls(hidden).astype(jnp.float32)

@@ -117,3 +117,18 @@ def test_roi_pool_layer_spec_and_summary_row():
     with pytest.raises(UserError, match="needs a 3-D input"):
         b.flatten("flat")
         b.roi_pool("roi2", 2)
+
+
+def test_inside_clips_to_the_map_and_builds_fewer_levels_with_the_same_result():
+    rng = np.random.default_rng(3)
+    features = jnp.asarray(rng.standard_normal((2, 24, 24, 5)), jnp.float32)
+    xy = rng.uniform(-10, 90, (40, 2))
+    boxes = jnp.asarray(np.concatenate([xy, xy + rng.uniform(1, 60, (40, 2))], 1), jnp.float32)
+    index = jnp.asarray(rng.integers(0, 2, 40), jnp.int32)
+    clipped = jnp.clip(boxes, 0.0, 96.0)  # the map's extent in pixels at scale 1/4
+    for size in (3, 7):
+        fast = roi.roi_max_pool(features, boxes, index, size, spatial_scale=0.25, inside=True)
+        full = roi.roi_max_pool(features, clipped, index, size, spatial_scale=0.25)
+        np.testing.assert_array_equal(np.asarray(fast), np.asarray(full))
+    assert len(roi.range_max_table(features, axis=2, longest=5)) == 3  # 1, 2, 4 cells
+    assert len(roi.range_max_table(features, axis=2)) == 5  # up to 16 of 24
