@@ -26,12 +26,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 import data
 from detection import boxes as box_ops
 from detection import rcnn
+from training import optim
 
 HARD, EASY = -1.0, -1.2  # appendix B: cache negatives above HARD, evict those below EASY
 MAX_ITERATIONS = 300
@@ -75,23 +75,8 @@ def _fit_one(z, y, weight, weight_decay, tolerance, iterations: int):
             params["w"] ** 2
         )
 
-    solver = optax.lbfgs()
-    value_and_grad = optax.value_and_grad_from_state(loss)
-
-    def step(carry):
-        params, state = carry
-        value, grad = value_and_grad(params, state=state)
-        updates, state = solver.update(grad, state, params, value=value, grad=grad, value_fn=loss)
-        return optax.apply_updates(params, updates), state
-
-    def going(carry):
-        _, state = carry
-        count = optax.tree.get(state, "count")
-        gradient = optax.tree.norm(optax.tree.get(state, "grad"))
-        return (count == 0) | ((count < iterations) & (gradient >= tolerance))
-
     params = {"w": jnp.zeros((z.shape[1],), jnp.float32), "b": jnp.zeros((), jnp.float32)}
-    params, state = jax.lax.while_loop(going, step, (params, solver.init(params)))
+    params, _ = optim.minimize_lbfgs(loss, params, tolerance=tolerance, iterations=iterations)
     return params, loss(params)
 
 

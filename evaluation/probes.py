@@ -28,6 +28,7 @@ import data
 from evaluation import figures as figures_lib
 from evaluation.base import Context, Measure, register
 from evaluation.measures import percent
+from training import optim
 
 PROBE_TRAIN_EXAMPLES = 4096  # training images the probes are fitted on (fewer if the split is)
 PROBE_GRIDS = (1, 2)  # global average pooling, then a 2 x 2 grid of averages
@@ -54,27 +55,12 @@ def _fit(features, labels, num_classes: int, weight_decay, tolerance, iterations
         cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
         return cross_entropy + 0.5 * weight_decay * jnp.sum(params["w"] ** 2)
 
-    solver = optax.lbfgs()
-    value_and_grad = optax.value_and_grad_from_state(loss)
-
-    def step(carry):
-        params, state = carry
-        value, grad = value_and_grad(params, state=state)
-        updates, state = solver.update(grad, state, params, value=value, grad=grad, value_fn=loss)
-        return optax.apply_updates(params, updates), state
-
-    def going(carry):
-        _, state = carry
-        count = optax.tree.get(state, "count")
-        gradient = optax.tree.norm(optax.tree.get(state, "grad"))
-        return (count == 0) | ((count < iterations) & (gradient >= tolerance))
-
     params = {
         "w": jnp.zeros((features.shape[1], num_classes), jnp.float32),
         "b": jnp.zeros((num_classes,), jnp.float32),
     }
-    params, state = jax.lax.while_loop(going, step, (params, solver.init(params)))
-    return params, mean, scale, optax.tree.get(state, "count"), loss(params)
+    params, count = optim.minimize_lbfgs(loss, params, tolerance=tolerance, iterations=iterations)
+    return params, mean, scale, count, loss(params)
 
 
 def fit_probe(

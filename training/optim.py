@@ -58,3 +58,27 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     else:
         raise ValueError(f"unknown optimizer {o.name!r}")  # configs.schema rejects it first
     return optax.chain(*chain)
+
+
+def minimize_lbfgs(loss, params, *, tolerance, iterations: int):
+    """Minimises the smooth `loss(params)` from `params` with optax's L-BFGS (its zoom line
+    search) until the gradient's norm is below `tolerance` or after `iterations` steps; returns
+    (params, steps run). Jit-able (a while_loop): the linear probes and R-CNN's SVMs fit
+    through it."""
+    solver = optax.lbfgs()
+    value_and_grad = optax.value_and_grad_from_state(loss)
+
+    def step(carry):
+        params, state = carry
+        value, grad = value_and_grad(params, state=state)
+        updates, state = solver.update(grad, state, params, value=value, grad=grad, value_fn=loss)
+        return optax.apply_updates(params, updates), state
+
+    def going(carry):
+        _, state = carry
+        count = optax.tree.get(state, "count")
+        gradient = optax.tree.norm(optax.tree.get(state, "grad"))
+        return (count == 0) | ((count < iterations) & (gradient >= tolerance))
+
+    params, state = jax.lax.while_loop(going, step, (params, solver.init(params)))
+    return params, optax.tree.get(state, "count")
