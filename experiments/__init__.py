@@ -192,6 +192,12 @@ def get(spec: str, runs=None) -> Experiment:
     if name not in NAMES:
         raise UserError(f"unknown experiment {name!r}; choose one of {', '.join(NAMES)}")
     module = importlib.import_module(f"experiments.{name}")
+    known = variants(name)
+    if (variant or "small") not in known:
+        raise UserError(
+            f"unknown experiment variant {variant or 'small'!r} ({name}:{variant or 'small'}); "
+            f"{name} has {', '.join(known)}"
+        )
     if runs is not None and hasattr(module, "prerequisite"):
         return module.get_experiment(variant or "small", runs=runs)
     return module.get_experiment(variant or "small")

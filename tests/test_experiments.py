@@ -160,6 +160,9 @@ def test_unknown_experiment_or_variant():
         experiments.get("nope")
     with pytest.raises(experiments.UserError, match="unknown experiment variant 'huge'"):
         experiments.get("families:huge")
+    # an experiment defined for some variants only (recipe: Fashion-MNIST's recipe)
+    with pytest.raises(experiments.UserError, match=r"\(recipe:small\); recipe has fashion_mnist"):
+        experiments.get("recipe")
 
 
 def _experiments_cli(*args: str) -> str:
