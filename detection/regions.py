@@ -61,13 +61,18 @@ SCENES = {
 }
 
 
-def load_scenes(config: ml_collections.ConfigDict) -> dict[str, scenes.Scenes]:
+def load_scenes(
+    config: ml_collections.ConfigDict, splits: tuple[str, ...] | None = None
+) -> dict[str, scenes.Scenes]:
     """Returns {'train', 'test'} (and 'validation' when detection.validation_scenes > 0) of
-    the config's scenes (dataset.name: builtin | fashion_mnist | voc2007)."""
+    the config's scenes (dataset.name: builtin | fashion_mnist | voc2007), or only `splits`
+    of them (each split's scenes are the same either way)."""
     d, name = config.detection, config.dataset.name
     sizes = {"train": d.train_scenes, "test": d.test_scenes}
     if d.validation_scenes:
         sizes["validation"] = d.validation_scenes
+    if splits is not None:
+        sizes = {split: n for split, n in sizes.items() if split in splits}
     if name == "voc2007":  # the first N images of each split (VOC's trainval, test)
         return {
             split: voc.voc2007_scenes(
@@ -87,7 +92,8 @@ def load_scenes(config: ml_collections.ConfigDict) -> dict[str, scenes.Scenes]:
             out[split] = scenes.builtin_scenes(n, seed=seeds[split], image_size=d.image_size)
         return out
     names = scenes.FASHION_MNIST_CLASSES
-    items = {s: scenes.fashion_mnist_items(config.dataset.data_dir, s) for s in ("train", "test")}
+    needed = {"test" if split == "test" else "train" for split in sizes}
+    items = {s: scenes.fashion_mnist_items(config.dataset.data_dir, s) for s in needed}
     for split, n in sizes.items():
         pictures, labels = items["test" if split == "test" else "train"]
         out[split] = scenes.scenes_from_items(

@@ -30,7 +30,6 @@ from flax import nnx
 
 import data
 from detection import boxes as box_ops
-from detection import rcnn
 from training import optim
 
 HARD, EASY = -1.0, -1.2  # appendix B: cache negatives above HARD, evict those below EASY
@@ -39,18 +38,14 @@ TOLERANCE = 1e-5  # on the norm of the loss's gradient
 
 
 def _region_features(state, images, rois, *, graphdef, config, mean, std):
-    """[B, P, D] features of each RoI (the network's layer that feeds its class scores)."""
+    """[B, P, D] features of each RoI (the network's layer that feeds its class scores), one
+    image after the other as `detection.train.predict_step` runs R-CNN."""
     x = data.normalize(images, mean, std, jnp.dtype(config.model.dtype))
     model = nnx.merge(graphdef, state["params"], state["batch_stats"], state["other"])
     p = rois.shape[1]
-
-    def one(args):
-        image, boxes = args
-        regions = rcnn.warp(image[None], boxes, jnp.zeros(p, jnp.int32), size=model.size)
-        features = model.backbone(regions.astype(image.dtype), train=False)
-        return features.reshape(p, -1).astype(jnp.float32)
-
-    return jax.lax.map(one, (x, rois))
+    return jax.lax.map(
+        lambda args: model.forward(args[0][None], args[1], jnp.zeros(p, jnp.int32))[2], (x, rois)
+    )
 
 
 def feature_program(run):

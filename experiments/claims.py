@@ -345,8 +345,7 @@ def write(experiment: Experiment, output: Path, spec: str, runs: Path | None = N
     UserError when no run is finished."""
     output = Path(output)
     runs = Path(runs) if runs is not None else output
-    flags = f"{report_lib.seeds_flag(experiment, spec)} --output={output}"
-    flags += report_lib.runs_flag(output, runs)
+    flags = report_lib.command_flags(experiment, spec, output, runs)
     rows = collect(experiment, runs)
     if not any(row["evals"] for row in rows):
         raise UserError(

@@ -263,7 +263,7 @@ def draw_figures(experiment: Experiment, runs: Path, output: Path) -> str:
             continue
         config = build_config(run, seed)
         if test is None:
-            test = regions.load_scenes(config)["test"]
+            test = regions.load_scenes(config, splits=("test",))["test"]
             found = regions.proposal_cache(config.detection).get_all(test.images)
             figures.proposals_figure(
                 output / "proposals.png", test.images[0], found[0], test.objects(0)[0]
@@ -295,8 +295,7 @@ def write_report(experiment: Experiment, output: Path, spec: str, runs: Path | N
     the runs in `runs` (default: `output`); returns the table and the speed-up line."""
     output = Path(output)
     runs = Path(runs) if runs is not None else output
-    flags = f"{report.seeds_flag(experiment, spec)} --output={output}"
-    flags += report.runs_flag(output, runs)
+    flags = report.command_flags(experiment, spec, output, runs)
     rows = collect(experiment, runs)
     if not rows:
         raise UserError(

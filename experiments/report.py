@@ -13,7 +13,13 @@ from absl import logging  # noqa: E402
 
 from errors import UserError  # noqa: E402
 from experiments import Experiment, stats  # noqa: E402
-from experiments.runner import EVALUATED, TRAINED, config_mismatch, run_dir  # noqa: E402
+from experiments.runner import (  # noqa: E402
+    EVALUATED,
+    TRAINED,
+    config_mismatch,
+    run_dir,
+    runs_flag,
+)
 from training import metrics as metrics_lib  # noqa: E402
 
 PLOTS = (
@@ -320,9 +326,10 @@ def seeds_flag(experiment: Experiment, spec: str) -> str:
     return " --seeds=" + ",".join(map(str, experiment.seeds))
 
 
-def runs_flag(output: Path, runs: Path) -> str:
-    """' --runs=DIR' when the runs live in another folder than the report, else ''."""
-    return "" if Path(runs) == Path(output) else f" --runs={runs}"
+def command_flags(experiment: Experiment, spec: str, output: Path, runs: Path) -> str:
+    """The flags after the spec in the command that reproduces a report: --seeds when not
+    the experiment's own, --output, and --runs when the runs live elsewhere."""
+    return f"{seeds_flag(experiment, spec)} --output={output}{runs_flag(output, runs)}"
 
 
 def write(experiment: Experiment, output: Path, spec: str, runs: Path | None = None) -> str:
@@ -330,12 +337,12 @@ def write(experiment: Experiment, output: Path, spec: str, runs: Path | None = N
     the runs in `runs` (default: `output` itself); returns the table."""
     output = Path(output)
     runs = Path(runs) if runs is not None else output
+    flags = command_flags(experiment, spec, output, runs)
     rows = collect(experiment, runs)
     if not rows:
         raise UserError(
             f"no finished run of {spec} in {runs} yet: nothing to report. Run "
-            f"`python -m experiments run {spec} --output={output}{runs_flag(output, runs)}` "
-            "first."
+            f"`python -m experiments run {spec}{flags}` first."
         )
     output.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows) + "\n\n" + comparison(rows)
@@ -343,10 +350,6 @@ def write(experiment: Experiment, output: Path, spec: str, runs: Path | None = N
     envs = run_environments(experiment, runs, rows)
     env = envs[0] if envs else {}
     versions = ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items())
-    command = (
-        f"python -m experiments run {spec}{seeds_flag(experiment, spec)} --output={output}"
-        f"{runs_flag(output, runs)}"
-    )
     text = f"""# Experiment `{spec}`
 
 **Question.** {experiment.question}
@@ -369,7 +372,7 @@ logging intervals.
 ![accuracy vs FLOPs](accuracy_vs_flops.png)
 ![shift consistency](shift_consistency.png)
 
-Produced by `{command}`
+Produced by `python -m experiments run {spec}{flags}`
 on {env.get("device_count", "?")} x
 {env.get("device_kind", "?")} ({env.get("platform", "?")}, {env.get("cpu_count", "?")} CPU cores),
 {commits_line(envs)}; {versions}.

@@ -19,6 +19,11 @@ def run_dir(output: Path, run: Run, seed: int) -> Path:
     return Path(output).expanduser() / run.name / f"seed_{seed}"
 
 
+def runs_flag(output: Path, runs: Path) -> str:
+    """' --runs=DIR' when the runs live in another folder than the report, else ''."""
+    return "" if Path(runs) == Path(output) else f" --runs={runs}"
+
+
 def config_mismatch(workdir: Path, run: Run, seed: int) -> list[str]:
     """The fields where the run saved in `workdir` differs from `run` with `seed` ([] when it
     is that run). Raises UserError when the saved config.json cannot be read."""
@@ -156,7 +161,7 @@ def slurm_script(experiment: Experiment, output: Path, spec: str, runs: Path | N
     """
     # Long because the bash script it returns is written out here, as the user will read it.
     runs = Path(runs) if runs is not None else Path(output)
-    runs_flag = "" if runs == Path(output) else f" --runs={runs}"
+    runs_given = runs_flag(output, runs)
     report = REPORT_PROGRAMS[experiment.task]
     entries = _train_eval_commands(experiment, runs)
 
@@ -172,7 +177,7 @@ def slurm_script(experiment: Experiment, output: Path, spec: str, runs: Path | N
 #   JAX's accelerator plugin: CONVNETS_EXTRA=cuda12|cuda13|tpu|none sbatch {output}/slurm.sh
 #   (default auto: cuda13 for an NVIDIA driver >= 580, cuda12 below, none without one); the
 #   first task installs it into $CONVNETS_VENV (default .venv), the others wait for it.
-# Then, when all tasks are done: {report} {spec} --output={output}{runs_flag}
+# Then, when all tasks are done: {report} {spec} --output={output}{runs_given}
 # Adjust the resources to your cluster. With --nodes>1, train.py starts jax.distributed from
 # SLURM's environment (config.distributed.initialize=auto) and trains on every node's devices.
 # Time limit and preemption: SLURM sends SIGTERM {SLURM_SIGNAL_SECONDS} s before the limit

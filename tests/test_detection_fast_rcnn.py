@@ -185,16 +185,24 @@ def test_fast_rcnn_trains_far_above_random_boxes_and_resumes(tmp_path):
     assert again["ap50"] == results["ap50"] and again["steps"] == 250
 
 
+def start_from_classifier(config, workdir):
+    """(specs, mesh, a fresh state, that state with the backbone of the classification run
+    in `workdir`) of the detector `config` (either mode)."""
+    from training import runtime
+
+    specs = det_train.validate(config)
+    mesh = runtime.make_mesh()
+    fresh = det_train._init_program(config, specs, mesh)[0]()
+    loaded = det_train.with_pretrained_backbone(fresh, str(workdir), config, specs, mesh)
+    return specs, mesh, fresh, loaded
+
+
 def test_backbone_starts_from_a_classification_run(workdir):
     """`workdir`: conftest's tiny pooled_max classifier (train.py's workdir)."""
-    from training import checkpoint, runtime, state
+    from training import checkpoint, state
 
     c = _config(**{"detection.backbone_workdir": str(workdir)})
-    specs = det_train.validate(c)
-    mesh = runtime.make_mesh()
-    init, _ = det_train._init_program(c, specs, mesh)
-    fresh = init()
-    loaded = det_train.with_pretrained_backbone(fresh, str(workdir), c, specs, mesh)
+    specs, mesh, fresh, loaded = start_from_classifier(c, workdir)
     classifier = configs.from_json((workdir / "config.json").read_text())
     info = data.dataset_info(classifier.dataset)
     _, abstract = state.abstract_train_state(classifier, info, mesh)

@@ -165,14 +165,10 @@ def test_rcnn_config_mistakes_are_one_line_errors():
 
 def test_rcnn_starts_from_a_classification_run(workdir):
     """`workdir`: conftest's tiny pooled_max classifier on 32x32 built-in images."""
-    from training import runtime
+    from test_detection_fast_rcnn import start_from_classifier
 
     c = _config(**{"detection.backbone_workdir": str(workdir)})
-    specs = det_train.validate(c)
-    mesh = runtime.make_mesh()
-    init, _ = det_train._init_program(c, specs, mesh)
-    fresh = init()
-    loaded = det_train.with_pretrained_backbone(fresh, str(workdir), c, specs, mesh)
+    _, mesh, fresh, loaded = start_from_classifier(c, workdir)
     mine = nnx.to_pure_dict(loaded["params"])
     before = nnx.to_pure_dict(fresh["params"])
     for name in ("conv1", "conv2", "conv3"):
