@@ -131,6 +131,71 @@ def test_project_xla_flags_are_added_without_overriding_the_users(monkeypatch):
     assert runtime.DEFAULT_XLA_FLAGS["cpu"] == (flag,)  # the switch is a parameter, not a global
 
 
+# --- glibc's malloc set up for XLA:CPU's buffers (training/runtime.configure_host_memory) ------
+
+# A training step's gradient program whose temporary buffers are 128 MiB (asserted), run 24
+# times; prints the minor page faults of each run, one per line, after what the set-up said.
+_PAGE_FAULTS = """
+import resource, sys
+from training import runtime
+print(runtime.configure_host_memory())
+import jax, jax.numpy as jnp
+
+def loss(w, x):
+    for _ in range(3):
+        x = jax.nn.relu(jax.lax.conv_general_dilated(
+            x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    return (x * x).sum()
+
+step = jax.jit(jax.grad(loss))
+x, w = jnp.ones((64, 64, 64, 16)), jnp.full((3, 3, 16, 16), 0.01)
+assert step.lower(w, x).compile().memory_analysis().temp_size_in_bytes == 128 << 20
+for _ in range(24):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step(w, x).block_until_ready()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _page_faults(env: dict) -> tuple[str, list[int]]:
+    out = subprocess.run(
+        [sys.executable, "-c", _PAGE_FAULTS],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")
+    return out[0], [int(n) for n in out[1:] if n]
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or __import__("platform").libc_ver()[0] != "glibc",
+    reason="glibc's malloc only",
+)
+def test_host_memory_setting_ends_the_page_faults_of_every_step():
+    import os
+    import statistics
+
+    pages = (128 << 20) // os.sysconf("SC_PAGE_SIZE")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_") and k != "CONVNETS_MALLOPT"
+    }
+    said, faults = _page_faults(env)
+    assert said == "on"
+    # the heap grows to hold the buffers of a few steps, then every step reuses it
+    assert statistics.median(faults[-8:]) < 0.05 * pages, faults
+    # glibc's default: each step's buffers are mapped afresh and touched page by page
+    said, faults = _page_faults({**env, "CONVNETS_MALLOPT": "0"})
+    assert said == "off ($CONVNETS_MALLOPT)"
+    assert statistics.median(faults[-8:]) > 0.5 * pages, faults
+    # the user's own settings of glibc's malloc come first
+    said, _ = _page_faults({**env, "MALLOC_ARENA_MAX": "4"})
+    assert said == "off (the environment sets glibc's malloc)"
+
+
 # --- the convolution passes (benchmarks/conv_parts.py) -----------------------------------------
 
 
