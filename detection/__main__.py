@@ -76,6 +76,7 @@ def _eval() -> dict:
         "step": run.step,
         "split": flags.FLAGS.split,
         "checkpoint": flags.FLAGS.checkpoint,
+        "commit": runtime.git_commit(),
         **result,
     }
     (out / "eval.json").write_text(json.dumps(record, indent=2))

@@ -267,7 +267,8 @@ class Run:
             },
             **{k: final_test[k] for k in ("ap", "ap50", "ap75", "voc07_map")},
             "test_images_per_s": final_test["images_per_s"],
-            "test_flops_per_image": test_flops_per_image(self.specs, config),
+            "test_proposals_per_image": final_test["proposals_per_image"],
+            "test_flops_per_image": final_test["flops_per_image"],
             "train_rois_per_s": rate,
             "train_images_per_s": (
                 rate * images_per_step(config) / rois_per_step(config) if rate else None
@@ -313,11 +314,14 @@ def rois_per_step(config: ml_collections.ConfigDict) -> int:
     return config.training.batch_size * config.detection.rois_per_image
 
 
-def test_flops_per_image(specs: list, config: ml_collections.ConfigDict) -> int:
-    """The network's FLOPs per test image (from the specs): R-CNN runs every layer once per
-    proposal (detection.test_proposals); Fast R-CNN its backbone once per image and the layers
-    from the RoI pooling on once per proposal."""
-    proposals = config.detection.test_proposals
+def test_flops_per_image(
+    specs: list, config: ml_collections.ConfigDict, proposals: float | None = None
+) -> float:
+    """The network's FLOPs per test image (from the specs) for `proposals` scored per image
+    (default detection.test_proposals): R-CNN runs every layer once per proposal; Fast R-CNN
+    its backbone once per image and the layers from the RoI pooling on once per proposal."""
+    if proposals is None:
+        proposals = config.detection.test_proposals
     names = [s.name for s in specs]
     at = names.index(fast_rcnn.ROI_POOL) if config.detection.mode == "fast_rcnn" else 0
     return sum(s.flops for s in specs[:at]) + proposals * sum(s.flops for s in specs[at:])
@@ -365,31 +369,67 @@ def train_step(state, batch, *, graphdef, tx, config, mean, std):
     return new, {"loss": loss, **parts, "nonfinite": ~finite}
 
 
-def predict_step(state, images, rois, *, graphdef, config, mean, std):
+def over_kept_rois(fn, rois: jax.Array, roi_image: jax.Array, keep: jax.Array, chunk: int):
+    """Runs `fn(rois [chunk, 4], roi_image [chunk]) -> arrays [chunk, ...]` on the RoIs where
+    `keep` [R] holds, `chunk` at a time (R a multiple of `chunk`), and returns its outputs
+    [R, ...] for every RoI, zeros where `keep` does not hold: the padding of the test RoIs
+    (regions.test_rois) costs at most one partial chunk, not a chunk per image."""
+    total = rois.shape[0]
+    order = jnp.argsort(~keep, stable=True)  # the kept RoIs first, each group in its order
+    chunks = (jnp.sum(keep) + chunk - 1) // chunk
+    shapes = jax.eval_shape(fn, rois[:chunk], roi_image[:chunk])
+    zeros = jax.tree.map(lambda a: jnp.zeros((total, *a.shape[1:]), a.dtype), shapes)
+
+    def body(i, outs):
+        at = jax.lax.dynamic_slice_in_dim(order, i * chunk, chunk)
+        done = fn(rois[at], roi_image[at])
+        return jax.tree.map(
+            lambda o, d: jax.lax.dynamic_update_slice_in_dim(o, d, i * chunk, 0), outs, done
+        )
+
+    sorted_outs = jax.lax.fori_loop(0, chunks, body, zeros)
+
+    def unsort(z, o):  # back to the RoIs' order; the last chunk's padding RoIs zeroed
+        kept = keep.reshape(-1, *([1] * (z.ndim - 1)))
+        return jnp.where(kept, z.at[order].set(o), z)
+
+    return jax.tree.map(unsort, zeros, sorted_outs)
+
+
+def predict_step(state, images, rois, valid, *, graphdef, config, mean, std):
     """Returns (class probabilities [B, P, K + 1], boxes [B, P, K, 4]: each RoI regressed
     for each class, clipped to the image) for uint8 images [B, S, S, C] and their RoIs
-    [B, P, 4], in eval mode; R-CNN with `detection.rcnn_scores = 'svm'` returns the RoIs'
-    features [B, P, D] in place of the probabilities (`detection.svm` scores them). Fast
-    R-CNN computes the feature map once per image; R-CNN runs the images one after the other
-    (its B x P warped regions at once would not fit)."""
+    [B, P, 4], of which those with `valid` [B, P] are proposals and the rest padding, in eval
+    mode; R-CNN with `detection.rcnn_scores = 'svm'` returns the RoIs' features [B, P, D] in
+    place of the probabilities (`detection.svm` scores them). Fast R-CNN computes the feature
+    map once per image; R-CNN warps and classifies P regions at a time (its B x P warped
+    regions at once would not fit). Both run the network on the proposals only
+    (`over_kept_rois`): a padding slot costs neither method anything, so the test speeds
+    compare the work each method needs."""
     d = config.detection
     b, p = rois.shape[:2]
     x = data.normalize(images, mean, std, jnp.dtype(config.model.dtype))
     model = nnx.merge(graphdef, state["params"], state["batch_stats"], state["other"])
-    flat = rois.reshape(-1, 4)
+    flat, roi_image, keep = rois.reshape(-1, 4), jnp.repeat(jnp.arange(b), p), valid.reshape(-1)
     if d.mode == "rcnn":
-        scores, deltas, features = jax.lax.map(
-            lambda args: model.forward(args[0][None], args[1], jnp.zeros(p, jnp.int32)), (x, rois)
-        )
-        scores, deltas = scores.reshape(b * p, -1), deltas.reshape(b * p, -1, 4)
+
+        def network(r, i):
+            scores, deltas, features = model.forward(x, r, i)
+            return (features if d.rcnn_scores == "svm" else scores), deltas
+
     else:
-        scores, deltas = model(x, flat, jnp.repeat(jnp.arange(b), p), train=False)
+        features = model.features(x)
+
+        def network(r, i):
+            return model.head(features, r, i)
+
+    scores, deltas = over_kept_rois(network, flat, roi_image, keep, p)
     deltas = deltas * jnp.asarray(d.bbox_target_std, jnp.float32)
     boxes = box_ops.decode(flat[:, None, :], deltas)
     boxes = box_ops.clip(boxes, d.image_size, d.image_size)
     k = deltas.shape[1]
     if d.mode == "rcnn" and d.rcnn_scores == "svm":  # the SVMs score them on the host
-        return features, boxes.reshape(b, p, k, 4)
+        return scores.reshape(b, p, -1), boxes.reshape(b, p, k, 4)
     return jax.nn.softmax(scores).reshape(b, p, k + 1), boxes.reshape(b, p, k, 4)
 
 
@@ -496,6 +536,7 @@ def _compile(config, specs, graphdef, state, mesh, mean, std, which):
             abstract_like(state),
             spec((e, *image), jnp.uint8),
             spec((e, d.test_proposals, 4), jnp.float32),
+            spec((e, d.test_proposals), jnp.bool_),
         )
     start = time.perf_counter()
     compiled = {name: lowered.compile() for name, lowered in programs.items()}
@@ -621,8 +662,11 @@ def evaluate(run: Run, state, split: str) -> dict:
         if pad:
             images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
         batch_rois = np.concatenate([rois[first : first + e], np.zeros((pad, *rois.shape[1:]))])
+        batch_valid = np.concatenate(
+            [valid[first : first + e], np.zeros((pad, valid.shape[1]), bool)]
+        )
         probs, boxes = jax.device_get(
-            run.predict_step(state, images, batch_rois.astype(np.float32))
+            run.predict_step(state, images, batch_rois.astype(np.float32), batch_valid)
         )
         if svms is not None:
             probs = svm_lib.class_probabilities(probs, svms)
@@ -635,6 +679,7 @@ def evaluate(run: Run, state, split: str) -> dict:
         truth, detections, run.class_names, image_size=size, max_detections=d.max_detections
     )
     voc = evaluate_lib.voc_ap(truth, detections, run.class_names)
+    scored = float(valid.sum(1).mean())
     return {
         "ap": coco["ap"],
         "ap50": coco["ap50"],
@@ -645,6 +690,10 @@ def evaluate(run: Run, state, split: str) -> dict:
         "images": len(data_split),
         "detections": coco["detections"],
         "images_per_s": len(data_split) / max(seconds, 1e-9),
+        # the proposals scored per image (its first d.test_proposals; predict_step skips the
+        # padding of images with fewer) and the network's FLOPs for them
+        "proposals_per_image": scored,
+        "flops_per_image": test_flops_per_image(run.specs, run.config, scored),
         "pr50": coco["pr50"],
         # the detections of the first test images, for the figures (detection.figures)
         "examples": [

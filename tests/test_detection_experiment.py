@@ -2,6 +2,9 @@
 
 import dataclasses
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +13,8 @@ from data import builtin
 from errors import UserError
 from experiments import detection as experiment_lib
 from experiments import runner
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_the_experiment_compares_the_two_methods_on_the_same_scenes():
@@ -35,7 +40,7 @@ def test_fashion_mnist_detectors_start_from_the_classifier_of_their_seed(tmp_pat
     for run in experiment.runs:
         for seed in (0, 2):
             config = runner.build_config(run, seed)
-            assert train.backbone_workdir(config) == str(tmp_path / "pooled_max" / f"seed_{seed}")
+            assert train.backbone_workdir(config) == str(tmp_path / "no_batchnorm" / f"seed_{seed}")
             # the model sections agree, as with_pretrained_backbone requires
             assert config.model.to_dict() == classifier.model.to_dict()
     small = experiment_lib.get_experiment("small", runs=tmp_path)
@@ -100,6 +105,21 @@ def test_small_variant_runs_and_reports_end_to_end(tmp_path):
     for result in results.values():  # what the figures are drawn from
         assert len(result["final"]["test"]["examples"]) == 6
         assert set(result["final"]["test"]["pr50"]) <= set(builtin.CLASS_NAMES)
+    # the final checkpoint evaluated again (`python -m detection eval --checkpoint=latest`):
+    # the report takes that evaluation's test measures and says so
+    fast = runner.run_dir(output, runs[1], 0)
+    subprocess.run(
+        [sys.executable, "-m", "detection", "eval", f"--workdir={fast}", "--checkpoint=latest"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    again = json.loads((fast / "eval" / "latest" / "eval.json").read_text())
+    assert again["step"] == 20 and again["proposals_per_image"] <= 100
+    assert again["flops_per_image"] == results["fast_rcnn"]["test_flops_per_image"]
+    table = experiment_lib.write_report(experiment, output, "detection:small")
+    ratio = again["images_per_s"] / results["rcnn"]["test_images_per_s"]
+    assert f"**{ratio:.1f}x**" in table and "fast_rcnn seed 0 (" in table
     # finished runs are skipped; another config's finished run in the folder is refused
     assert experiment_lib.run_missing(experiment, output) == []
     changed = dataclasses.replace(

@@ -237,3 +237,29 @@ def test_inputs_can_be_normalised_as_the_backbone_classifier_learned(workdir):
     np.testing.assert_array_equal(std, splits.std)
     with pytest.raises(UserError, match="'backbone' needs detection.backbone_workdir"):
         det_train.validate(_config(**{"detection.input_stats": "backbone"}))
+
+
+def test_over_kept_rois_runs_the_network_on_the_proposals_only():
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    rois = jnp.asarray(rng.uniform(0, 90, (4 * 6, 4)), jnp.float32)
+    roi_image = jnp.repeat(jnp.arange(4), 6)
+    keep = jnp.asarray(rng.random(24) < 0.4)  # ~10 proposals among 24 slots
+    calls = []
+
+    def fn(r, i):
+        jax.debug.callback(lambda: calls.append(1))
+        return r.sum(-1) * (i + 1), r[:, :2]
+
+    sums, corners = jax.jit(lambda r, i, k: det_train.over_kept_rois(fn, r, i, k, chunk=6))(
+        rois, roi_image, keep
+    )
+    want_sums, want_corners = fn(rois, roi_image)
+    np.testing.assert_allclose(sums, np.where(keep, want_sums, 0), rtol=1e-6)
+    np.testing.assert_allclose(corners, np.where(keep[:, None], want_corners, 0), rtol=1e-6)
+    # fn runs once per 6 proposals (rounded up), not once per image's 6 slots
+    calls.clear()
+    jax.block_until_ready(det_train.over_kept_rois(fn, rois, roi_image, keep, chunk=6))
+    assert 0 < len(calls) == -(-int(keep.sum()) // 6) < 4
