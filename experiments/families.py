@@ -65,9 +65,15 @@ BUDGETS = {
     "fashion_mnist": epochs_budget(FASHION_MNIST_EPOCHS, fashion_mnist.STEPS_PER_EPOCH),
     "cifar10": {},
 }
+# fashion_mnist: the pooled ConvNet with BatchNorm after each convolution. Measured by the
+# recipe experiment (seeds 0-2, 15 epochs, clean commits): without it 91.06 / 91.66 / 91.62 %
+# test accuracy (flip TTA 91.47 / 91.94 / 91.81), with it 91.87 / 92.02 / 91.83 % (TTA 91.98 /
+# 92.33 / 92.37): +0.46 points, beyond the seeds' spread. The small variant (make run) keeps
+# the preset's layers.
+POOLED_BN = {"model.norm": "batch"}
 VARIANT_OVERRIDES = {
     "small": {row: steps_budget(steps) for row, steps in SMALL_STEPS.items()},
-    "fashion_mnist": {"resnet20": fashion_mnist.RESNET_RECIPE},
+    "fashion_mnist": {"resnet20": fashion_mnist.RESNET_RECIPE, "pooled_max": POOLED_BN},
 }
 SEEDS = {"small": (0, 1, 2), "fashion_mnist": (0, 1, 2)}
 # Published Fashion-MNIST results of the nearest networks. Zalando's benchmark table

@@ -206,15 +206,17 @@ def test_detection_commands_train_the_backbones_first_with_detection_programs(tm
         "commands", "detection:fashion_mnist", f"--output={tmp_path}", f"--runs={runs}"
     ).splitlines()
     seeds = experiments.get("detection:fashion_mnist").seeds
-    # the families pooled_max classifier of each seed, then R-CNN and Fast R-CNN per seed
+    # the recipe's BatchNorm-free pooled_max classifier of each seed, then R-CNN and Fast R-CNN
+    # per seed
     assert len(lines) == 3 * len(seeds)
     for line, seed in zip(lines, seeds, strict=False):
         assert line.startswith("python train.py --config=configs/fashion_mnist.py:pooled_max")
-        assert f"--workdir={runs}/pooled_max/seed_{seed} " in line
+        assert f"--workdir={runs}/no_batchnorm/seed_{seed} " in line
     detectors = lines[len(seeds) :]
     assert all(line.startswith("python -m detection train --config=configs/detection.py:")
                for line in detectors)  # fmt: skip
-    assert f"--config.detection.backbone_workdir={runs}/pooled_max/seed_{{seed}}" in detectors[0]
+    backbone = f"--config.detection.backbone_workdir={runs}/no_batchnorm/seed_{{seed}}"
+    assert backbone in detectors[0]
     assert (
         f"python -m detection eval --workdir={runs}/rcnn/seed_0 --checkpoint=latest"
         in (detectors[0])
@@ -225,7 +227,7 @@ def test_detection_commands_train_the_backbones_first_with_detection_programs(tm
     assert "python -m experiments.detection report detection:small" in script
     assert "start from" not in out  # small: no backbone to train first
     out = _experiments_cli("slurm", "detection:fashion_mnist", f"--output={tmp_path}")
-    assert "train those first" in out and "--only=pooled_max" in out
+    assert "train those first" in out and "recipe:fashion_mnist --only=no_batchnorm" in out
 
 
 def _fake_finished_run(
