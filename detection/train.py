@@ -375,6 +375,8 @@ def over_kept_rois(fn, rois: jax.Array, roi_image: jax.Array, keep: jax.Array, c
     [R, ...] for every RoI, zeros where `keep` does not hold: the padding of the test RoIs
     (regions.test_rois) costs at most one partial chunk, not a chunk per image."""
     total = rois.shape[0]
+    if total % chunk:
+        raise ValueError(f"over_kept_rois: {total} RoIs are not a multiple of chunk={chunk}")
     order = jnp.argsort(~keep, stable=True)  # the kept RoIs first, each group in its order
     chunks = (jnp.sum(keep) + chunk - 1) // chunk
     shapes = jax.eval_shape(fn, rois[:chunk], roi_image[:chunk])

@@ -263,3 +263,9 @@ def test_over_kept_rois_runs_the_network_on_the_proposals_only():
     calls.clear()
     jax.block_until_ready(det_train.over_kept_rois(fn, rois, roi_image, keep, chunk=6))
     assert 0 < len(calls) == -(-int(keep.sum()) // 6) < 4
+    # no proposal at all: nothing runs, every output is zero
+    calls.clear()
+    sums, _ = det_train.over_kept_rois(fn, rois, roi_image, jnp.zeros(24, bool), chunk=6)
+    assert not calls and not np.any(sums)
+    with pytest.raises(ValueError, match="not a multiple of chunk=5"):
+        det_train.over_kept_rois(fn, rois, roi_image, keep, chunk=5)
