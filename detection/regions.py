@@ -21,6 +21,8 @@ import dataclasses
 import os
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -299,3 +301,32 @@ def test_rois(proposals: list[np.ndarray], count: int) -> tuple[np.ndarray, np.n
         rois[i, : len(props)] = props
         valid[i, : len(props)] = True
     return rois, valid
+
+
+def over_kept_rois(fn, rois: jax.Array, roi_image: jax.Array, keep: jax.Array, chunk: int):
+    """Runs `fn(rois [chunk, 4], roi_image [chunk]) -> arrays [chunk, ...]` on the RoIs where
+    `keep` [R] holds, `chunk` at a time (R a multiple of `chunk`), and returns its outputs
+    [R, ...] for every RoI, zeros where `keep` does not hold: the padding of the test RoIs
+    (`test_rois`) costs at most one partial chunk, not a chunk per image."""
+    total = rois.shape[0]
+    if total % chunk:
+        raise ValueError(f"over_kept_rois: {total} RoIs are not a multiple of chunk={chunk}")
+    order = jnp.argsort(~keep, stable=True)  # the kept RoIs first, each group in its order
+    chunks = (jnp.sum(keep) + chunk - 1) // chunk
+    shapes = jax.eval_shape(fn, rois[:chunk], roi_image[:chunk])
+    zeros = jax.tree.map(lambda a: jnp.zeros((total, *a.shape[1:]), a.dtype), shapes)
+
+    def body(i, outs):
+        at = jax.lax.dynamic_slice_in_dim(order, i * chunk, chunk)
+        done = fn(rois[at], roi_image[at])
+        return jax.tree.map(
+            lambda o, d: jax.lax.dynamic_update_slice_in_dim(o, d, i * chunk, 0), outs, done
+        )
+
+    sorted_outs = jax.lax.fori_loop(0, chunks, body, zeros)
+
+    def unsort(z, o):  # back to the RoIs' order; the last chunk's padding RoIs zeroed
+        kept = keep.reshape(-1, *([1] * (z.ndim - 1)))
+        return jnp.where(kept, z.at[order].set(o), z)
+
+    return jax.tree.map(unsort, zeros, sorted_outs)

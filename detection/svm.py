@@ -30,6 +30,7 @@ from flax import nnx
 
 import data
 from detection import boxes as box_ops
+from detection import regions
 from training import optim
 
 HARD, EASY = -1.0, -1.2  # appendix B: cache negatives above HARD, evict those below EASY
@@ -37,20 +38,26 @@ MAX_ITERATIONS = 300
 TOLERANCE = 1e-5  # on the norm of the loss's gradient
 
 
-def _region_features(state, images, rois, *, graphdef, config, mean, std):
-    """[B, P, D] features of each RoI (the network's layer that feeds its class scores), one
-    image after the other as `detection.train.predict_step` runs R-CNN."""
+def _region_features(state, images, rois, valid, *, graphdef, config, mean, std):
+    """[B, P, D] features of each RoI where `valid` [B, P] holds, zeros elsewhere (the
+    network's layer that feeds its class scores), P regions at a time over the valid ones, as
+    `detection.train.predict_step` runs R-CNN (`regions.over_kept_rois`)."""
     x = data.normalize(images, mean, std, jnp.dtype(config.model.dtype))
     model = nnx.merge(graphdef, state["params"], state["batch_stats"], state["other"])
-    p = rois.shape[1]
-    return jax.lax.map(
-        lambda args: model.forward(args[0][None], args[1], jnp.zeros(p, jnp.int32))[2], (x, rois)
+    b, p = rois.shape[:2]
+    (features,) = regions.over_kept_rois(
+        lambda r, i: (model.forward(x, r, i)[2],),
+        rois.reshape(-1, 4),
+        jnp.repeat(jnp.arange(b), p),
+        valid.reshape(-1),
+        p,
     )
+    return features.reshape(b, p, -1)
 
 
 def feature_program(run):
-    """The jitted `(state, images uint8 [B, S, S, C], rois [B, P, 4]) -> features [B, P, D]`
-    of `run` (a detection.train.Run in R-CNN mode)."""
+    """The jitted `(state, images uint8 [B, S, S, C], rois [B, P, 4], valid bool [B, P]) ->
+    features [B, P, D]` of `run` (a detection.train.Run in R-CNN mode)."""
     return jax.jit(
         functools.partial(
             _region_features, graphdef=run.graphdef, config=run.config, mean=run.mean, std=run.std
@@ -154,12 +161,14 @@ def training_regions(run, state) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     for first in range(0, n, batch):
         chunk = per_scene[first : first + batch]
         rois = np.zeros((batch, width, 4), np.float32)
+        valid = np.zeros((batch, width), bool)
         for j, r in enumerate(chunk):
             rois[j, : len(r)] = r
+            valid[j, : len(r)] = True
         images = scenes.images[first : first + batch]
         if len(images) < batch:
             images = np.concatenate([images, np.zeros((batch - len(images), *images.shape[1:]))])
-        found = np.asarray(program(state, images.astype(np.uint8), rois))
+        found = np.asarray(program(state, images.astype(np.uint8), rois, valid))
         for j, r in enumerate(chunk):
             truth, labels = scenes.objects(first + j)
             features.append(found[j, : len(r)])

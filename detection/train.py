@@ -369,35 +369,6 @@ def train_step(state, batch, *, graphdef, tx, config, mean, std):
     return new, {"loss": loss, **parts, "nonfinite": ~finite}
 
 
-def over_kept_rois(fn, rois: jax.Array, roi_image: jax.Array, keep: jax.Array, chunk: int):
-    """Runs `fn(rois [chunk, 4], roi_image [chunk]) -> arrays [chunk, ...]` on the RoIs where
-    `keep` [R] holds, `chunk` at a time (R a multiple of `chunk`), and returns its outputs
-    [R, ...] for every RoI, zeros where `keep` does not hold: the padding of the test RoIs
-    (regions.test_rois) costs at most one partial chunk, not a chunk per image."""
-    total = rois.shape[0]
-    if total % chunk:
-        raise ValueError(f"over_kept_rois: {total} RoIs are not a multiple of chunk={chunk}")
-    order = jnp.argsort(~keep, stable=True)  # the kept RoIs first, each group in its order
-    chunks = (jnp.sum(keep) + chunk - 1) // chunk
-    shapes = jax.eval_shape(fn, rois[:chunk], roi_image[:chunk])
-    zeros = jax.tree.map(lambda a: jnp.zeros((total, *a.shape[1:]), a.dtype), shapes)
-
-    def body(i, outs):
-        at = jax.lax.dynamic_slice_in_dim(order, i * chunk, chunk)
-        done = fn(rois[at], roi_image[at])
-        return jax.tree.map(
-            lambda o, d: jax.lax.dynamic_update_slice_in_dim(o, d, i * chunk, 0), outs, done
-        )
-
-    sorted_outs = jax.lax.fori_loop(0, chunks, body, zeros)
-
-    def unsort(z, o):  # back to the RoIs' order; the last chunk's padding RoIs zeroed
-        kept = keep.reshape(-1, *([1] * (z.ndim - 1)))
-        return jnp.where(kept, z.at[order].set(o), z)
-
-    return jax.tree.map(unsort, zeros, sorted_outs)
-
-
 def predict_step(state, images, rois, valid, *, graphdef, config, mean, std):
     """Returns (class probabilities [B, P, K + 1], boxes [B, P, K, 4]: each RoI regressed
     for each class, clipped to the image) for uint8 images [B, S, S, C] and their RoIs
@@ -406,7 +377,7 @@ def predict_step(state, images, rois, valid, *, graphdef, config, mean, std):
     place of the probabilities (`detection.svm` scores them). Fast R-CNN computes the feature
     map once per image; R-CNN warps and classifies P regions at a time (its B x P warped
     regions at once would not fit). Both run the network on the proposals only
-    (`over_kept_rois`): a padding slot costs neither method anything, so the test speeds
+    (`regions.over_kept_rois`): a padding slot costs neither method anything, so the test speeds
     compare the work each method needs."""
     d = config.detection
     b, p = rois.shape[:2]
@@ -425,7 +396,7 @@ def predict_step(state, images, rois, valid, *, graphdef, config, mean, std):
         def network(r, i):
             return model.head(features, r, i)
 
-    scores, deltas = over_kept_rois(network, flat, roi_image, keep, p)
+    scores, deltas = regions.over_kept_rois(network, flat, roi_image, keep, p)
     deltas = deltas * jnp.asarray(d.bbox_target_std, jnp.float32)
     boxes = box_ops.decode(flat[:, None, :], deltas)
     boxes = box_ops.clip(boxes, d.image_size, d.image_size)

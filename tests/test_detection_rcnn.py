@@ -253,7 +253,7 @@ def test_over_kept_rois_runs_the_network_on_the_proposals_only():
         jax.debug.callback(lambda: calls.append(1))
         return r.sum(-1) * (i + 1), r[:, :2]
 
-    sums, corners = jax.jit(lambda r, i, k: det_train.over_kept_rois(fn, r, i, k, chunk=6))(
+    sums, corners = jax.jit(lambda r, i, k: regions.over_kept_rois(fn, r, i, k, chunk=6))(
         rois, roi_image, keep
     )
     want_sums, want_corners = fn(rois, roi_image)
@@ -261,11 +261,11 @@ def test_over_kept_rois_runs_the_network_on_the_proposals_only():
     np.testing.assert_allclose(corners, np.where(keep[:, None], want_corners, 0), rtol=1e-6)
     # fn runs once per 6 proposals (rounded up), not once per image's 6 slots
     calls.clear()
-    jax.block_until_ready(det_train.over_kept_rois(fn, rois, roi_image, keep, chunk=6))
+    jax.block_until_ready(regions.over_kept_rois(fn, rois, roi_image, keep, chunk=6))
     assert 0 < len(calls) == -(-int(keep.sum()) // 6) < 4
     # no proposal at all: nothing runs, every output is zero
     calls.clear()
-    sums, _ = det_train.over_kept_rois(fn, rois, roi_image, jnp.zeros(24, bool), chunk=6)
+    sums, _ = regions.over_kept_rois(fn, rois, roi_image, jnp.zeros(24, bool), chunk=6)
     assert not calls and not np.any(sums)
     with pytest.raises(ValueError, match="not a multiple of chunk=5"):
-        det_train.over_kept_rois(fn, rois, roi_image, keep, chunk=5)
+        regions.over_kept_rois(fn, rois, roi_image, keep, chunk=5)
