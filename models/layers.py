@@ -175,11 +175,36 @@ class RunningStat(nnx.BatchStat):
             super().__setitem__(key, value)
 
 
+class BatchNorm(nnx.BatchNorm):
+    """nnx.BatchNorm (same parameters, statistics and outputs) whose training pass, for float32
+    inputs with the switch of `models.cpu_kernels` on, goes through `cpu_kernels.batch_norm`
+    (the same values; its gradient written out)."""
+
+    def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+        running = self.use_running_average if use_running_average is None else use_running_average
+        if (
+            running is not False
+            or mask is not None
+            or self.axis_name is not None
+            or self.axis != -1
+            or self.scale is None
+            or self.bias is None
+            or x.dtype != jnp.float32
+            or self.dtype not in (None, jnp.float32)
+            or not cpu_kernels.enabled()
+        ):
+            return super().__call__(x, use_running_average, mask=mask)
+        y, mean, var = cpu_kernels.batch_norm(x, self.scale[...], self.bias[...], self.epsilon)
+        self.mean[...] = self.momentum * self.mean[...] + (1 - self.momentum) * mean
+        self.var[...] = self.momentum * self.var[...] + (1 - self.momentum) * var
+        return y
+
+
 def norm(function: str, channels: int, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Module:
     """Returns the normalisation over the last axis: 'batch' (statistics of the batch while
     training, running averages at inference) or 'layer' (statistics of each example)."""
     if function == "batch":
-        layer = nnx.BatchNorm(
+        layer = BatchNorm(
             channels,
             momentum=BATCH_NORM_MOMENTUM,
             epsilon=NORM_EPSILON,

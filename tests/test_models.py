@@ -308,6 +308,37 @@ def test_pooling_gradients_equal_reduce_window(function, f, s, p):
     )
 
 
+@pytest.mark.parametrize("function", ["max", "depth"])
+@pytest.mark.usefixtures("kernels_on")
+def test_non_overlapping_max_pooling_shares_ties(function):
+    """F/F windows without padding are differentiated by blocks (one pass over x): a window's
+    equal maxima share its gradient equally (reduce_window's gradient gives it all to one),
+    other windows as on the strided views; rows and columns past the last whole window get
+    none."""
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 5, 5, 6)), jnp.float32)
+    x = x.at[:, :2, :2, :2].set(7.0)  # a window (of either kind) whose maxima all tie
+    axes = (3,) if function == "depth" else (1, 2)
+    out_shape = (2, 5, 5, 3) if function == "depth" else (2, 2, 2, 6)
+    cotangent = jnp.asarray(np.random.default_rng(4).normal(size=out_shape), jnp.float32)
+    pool = lambda x: layers.pool(x, function, 2, 2, 0)
+    by_views = lambda x: cpu_kernels._BY_VIEWS["max"](x, 2, 2, 0, axes)
+    np.testing.assert_array_equal(pool(x), by_views(x))
+    ours = np.asarray(jax.vjp(pool, x)[1](cotangent)[0])
+    views = np.asarray(jax.vjp(by_views, x)[1](cotangent)[0])
+    tied = np.zeros(x.shape, bool)
+    if function == "max":
+        tied[:, :2, :2, :2] = True
+        quarter = np.repeat(np.repeat(cotangent[:, :1, :1, :2] / 4, 2, axis=1), 2, axis=2)
+        np.testing.assert_allclose(ours[:, :2, :2, :2], quarter, rtol=1e-6)
+        assert not np.any(ours[:, 4, :, :]) and not np.any(ours[:, :, 4, :])
+    else:
+        tied[:, :2, :2, :2] = True
+        np.testing.assert_allclose(
+            ours[:, :2, :2, :2], np.repeat(cotangent[:, :2, :2, :1] / 2, 2, axis=3), rtol=1e-6
+        )
+    np.testing.assert_allclose(ours[~tied], views[~tied], rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.usefixtures("kernels_on")
 def test_depth_pooling_gradient_equals_reduce_window():
     x = jnp.asarray(np.random.default_rng(2).permutation(2 * 3 * 3 * 8).reshape(2, 3, 3, 8) / 9)
@@ -625,6 +656,64 @@ def test_batchnorm_running_statistics_update_as_flax_does():
         np.testing.assert_allclose(got, want, rtol=1e-6)
     ours.mean[...] = jnp.ones(8)  # a concrete full replacement still goes through Flax
     np.testing.assert_array_equal(ours.mean[...], np.ones(8))
+
+
+def _batchnorm_pair():
+    ours = layers.norm("batch", 6, dtype=jnp.float32, rngs=_rngs())
+    flax_bn = nnx.BatchNorm(
+        6, momentum=layers.BATCH_NORM_MOMENTUM, epsilon=layers.NORM_EPSILON, rngs=_rngs()
+    )
+    for bn in (ours, flax_bn):  # scale and bias away from 1 and 0, the same in both
+        bn.scale[...] = jnp.linspace(0.5, 2.0, 6)
+        bn.bias[...] = jnp.linspace(-1.0, 1.0, 6)
+    return ours, flax_bn
+
+
+def _batchnorm_grads(bn, x, weights):
+    """Gradients of a loss through BatchNorm (training mode) and a ReLU: d/dx, d/dscale,
+    d/dbias; and the updated running statistics."""
+    graphdef, params, stats = nnx.split(bn, nnx.Param, nnx.BatchStat)
+
+    def loss(params, x):
+        model = nnx.merge(graphdef, params, stats, copy=True)  # as training.steps does
+        y = model(x, use_running_average=False)
+        return jnp.sum(jax.nn.relu(y) * weights), nnx.state(model, nnx.BatchStat)
+
+    (grads, grad_x), new_stats = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+    return grad_x, grads["scale"][...], grads["bias"][...], new_stats
+
+
+@pytest.mark.usefixtures("kernels_on")
+def test_batchnorm_kernel_gradients_equal_flax():
+    """The CPU kernel's BatchNorm (its gradient written out) against nnx.BatchNorm
+    differentiated by JAX: the same gradients for x, scale and bias, the same statistics."""
+    ours, flax_bn = _batchnorm_pair()
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(2.0 + 3.0 * rng.normal(size=(4, 5, 7, 6)), jnp.float32)
+    weights = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    got, want = _batchnorm_grads(ours, x, weights), _batchnorm_grads(flax_bn, x, weights)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert float(jnp.abs(w).max()) > 1e-3  # nothing vacuous: every gradient is non-zero
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5)
+    # the kernel is what ran: a custom VJP in the traced program, none with the switch off
+    assert "custom_vjp_call" in _batchnorm_program(ours, x, training=True)
+    with cpu_kernels.override(False):
+        assert "custom_vjp_call" not in _batchnorm_program(ours, x, training=True)
+        np.testing.assert_allclose(
+            _batchnorm_grads(ours, x, weights)[0], want[0], rtol=2e-5, atol=2e-5
+        )
+    # running averages and bfloat16 computations keep Flax's own code
+    assert "custom_vjp_call" not in _batchnorm_program(ours, x, training=False)
+    bf16 = layers.norm("batch", 6, dtype=jnp.bfloat16, rngs=_rngs())
+    assert "custom_vjp_call" not in _batchnorm_program(bf16, x, training=True)
+
+
+def _batchnorm_program(bn, x, *, training: bool) -> str:
+    graphdef, state = nnx.split(bn)
+    apply = lambda state, x: nnx.merge(graphdef, state, copy=True)(
+        x, use_running_average=not training
+    )
+    return str(jax.make_jaxpr(apply)(state, x))
 
 
 def test_capture_activations_under_jit():
