@@ -158,6 +158,29 @@ def start_one_by_one(
     return workers
 
 
+def build_extension(tree: Path, *, flag: str) -> bool:
+    """Builds the compiled extension of the checkout `tree` in place, as its install would
+    (`setup.py build_ext --inplace`), when that commit has one (csrc/): without it the
+    commit's layers fall back to XLA's convolutions and "before" would time another program.
+    Returns whether the tree has it; says so on stderr when it could not be built."""
+    if not (tree / "csrc").is_dir():
+        return False
+    done = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+        cwd=tree,
+        capture_output=True,
+        text=True,
+    )
+    if any((tree / "models").glob("_onednn_conv*.so")):
+        return True
+    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    print(
+        f"{flag}: its oneDNN extension was not built ({tail}); its layers use XLA's convolutions",
+        file=sys.stderr,
+    )
+    return False
+
+
 @contextlib.contextmanager
 def worktree(commit: str | None, flag: str = "--before_commit") -> Iterator[Path | None]:
     """Yields a temporary `git worktree` of `commit` (None: yields None), removed afterwards:
@@ -180,6 +203,7 @@ def worktree(commit: str | None, flag: str = "--before_commit") -> Iterator[Path
         if done.returncode:
             raise app.UsageError(f"{flag}={commit}: {done.stderr.strip()}")
         try:
+            build_extension(tree, flag=f"{flag}={commit}")
             yield tree
         finally:
             subprocess.run([*git, "worktree", "remove", "--force", str(tree)], capture_output=True)

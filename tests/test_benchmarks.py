@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from absl import app
 
-from benchmarks import conv_parts, throughput
+from benchmarks import conv_parts, protocol, throughput
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -325,6 +325,15 @@ def test_benchmark_script_runs_and_writes_its_report(tmp_path):
     assert ours["compile_seconds"] > 0 and ours["peak_rss_mib"] > 0
     assert "pipeline_share" in ours and report["matmul_peak_gflops"] > 0
     assert report["environment"]["xla_flags"]  # the project's default flags were set
+
+
+def test_before_commit_worktree_builds_its_extension():
+    """A --before_commit worktree builds that commit's compiled extension as its install would:
+    without it the "before" workers would silently time XLA's convolutions instead."""
+    with protocol.worktree("HEAD") as tree:
+        built = any((tree / "models").glob("_onednn_conv*.so"))
+        assert (tree / "csrc").is_dir()
+    assert built == any((ROOT / "models").glob("_onednn_conv*.so"))
 
 
 def test_compile_time_script_measures_every_setting(tmp_path):
