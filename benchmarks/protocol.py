@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -158,13 +159,25 @@ def start_one_by_one(
     return workers
 
 
-def build_extension(tree: Path, *, flag: str) -> bool:
-    """Builds the compiled extension of the checkout `tree` in place, as its install would
-    (`setup.py build_ext --inplace`), when that commit has one (csrc/): without it the
-    commit's layers fall back to XLA's convolutions and "before" would time another program.
-    Returns whether the tree has it; says so on stderr when it could not be built."""
+def build_extension(tree: Path, *, flag: str, commit: str) -> bool:
+    """Gives the checkout `tree` of `commit` its compiled extension, when that commit has one
+    (csrc/): without it the commit's layers fall back to XLA's convolutions and "before" would
+    time another program. The extension's sources (csrc/, setup.py) the same as this
+    checkout's: this checkout's build is copied; otherwise it is built in place as the install
+    would (`setup.py build_ext --inplace`, which needs oneDNN's headers in this environment).
+    Returns whether the tree has it; says so on stderr when it has not."""
     if not (tree / "csrc").is_dir():
         return False
+    root = Path(__file__).resolve().parent.parent
+    ours = sorted((root / "models").glob("_onednn_conv*.so"))
+    same = subprocess.run(
+        ["git", "-C", str(root), "diff", "--quiet", commit, "--", "csrc", "setup.py"],
+        capture_output=True,
+    )
+    if ours and same.returncode == 0:
+        for built in ours:
+            shutil.copy2(built, tree / "models" / built.name)
+        return True
     done = subprocess.run(
         [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
         cwd=tree,
@@ -175,7 +188,9 @@ def build_extension(tree: Path, *, flag: str) -> bool:
         return True
     tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
     print(
-        f"{flag}: its oneDNN extension was not built ({tail}); its layers use XLA's convolutions",
+        f"{flag}: its oneDNN extension was not built ({tail}); its layers use XLA's "
+        "convolutions (its sources differ from this checkout's: building them needs "
+        "onednn-devel-cpu-gomp installed here)",
         file=sys.stderr,
     )
     return False
@@ -203,7 +218,7 @@ def worktree(commit: str | None, flag: str = "--before_commit") -> Iterator[Path
         if done.returncode:
             raise app.UsageError(f"{flag}={commit}: {done.stderr.strip()}")
         try:
-            build_extension(tree, flag=f"{flag}={commit}")
+            build_extension(tree, flag=f"{flag}={commit}", commit=commit)
             yield tree
         finally:
             subprocess.run([*git, "worktree", "remove", "--force", str(tree)], capture_output=True)
