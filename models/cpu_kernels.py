@@ -243,9 +243,10 @@ _BY_VIEWS = {"max": _max_by_views, "mean": _mean_by_views}
 
 def _by_blocks(function, x, window, axes):
     """Pooling over non-overlapping windows (stride F, no padding) as a reduction over the
-    window axes of a reshaped `x`: its gradient is one elementwise pass over x (for max, the
-    window's maxima share its gradient equally, as on the views). Rows and columns past the
-    last whole window are cropped (they get no gradient, as in any F/F pooling)."""
+    window axes of a reshaped `x`: its gradient is one elementwise pass over x (for max, a
+    window's tied maxima share its gradient equally; on the views each tied pairwise maximum
+    halves it). Rows and columns past the last whole window are cropped (they get no
+    gradient, as in any F/F pooling)."""
     shape, index = [], []
     for a, size in enumerate(x.shape):
         if a in axes:
@@ -294,7 +295,8 @@ def window_pool(
 ) -> jax.Array:
     """Returns `reduce(x, function, window, stride, padding, axes)` (the plain pooling, whose
     value is kept), differentiated as the same pooling (function max|mean over `axes`) on
-    strided views. A `jax.custom_vjp`: forward mode raises. The caller asks `enabled()`."""
+    blocks of a reshaped x where the windows tile it (stride F, no padding), else on strided
+    views. A `jax.custom_vjp`: forward mode raises. The caller asks `enabled()`."""
     return _window_pool(reduce, x, function, window, stride, padding, axes)
 
 

@@ -328,8 +328,9 @@ def test_benchmark_script_runs_and_writes_its_report(tmp_path):
 
 
 def test_before_commit_worktree_builds_its_extension():
-    """A --before_commit worktree builds that commit's compiled extension as its install would:
-    without it the "before" workers would silently time XLA's convolutions instead."""
+    """A --before_commit worktree gets that commit's compiled extension (this checkout's build
+    when the sources are the same, as for HEAD): without it the "before" workers would
+    silently time XLA's convolutions instead."""
     with protocol.worktree("HEAD") as tree:
         built = any((tree / "models").glob("_onednn_conv*.so"))
         assert (tree / "csrc").is_dir()
