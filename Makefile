@@ -1,6 +1,7 @@
 # Two commands on a fresh machine (Python 3.11+ and pip are all it needs):
 #   make run    set up .venv if needed, then run the main job: the model-families comparison on
-#               the built-in dataset (no download), ending with a table
+#               the built-in dataset (no download), ending with a table; its runs train side by
+#               side, one per CPU core
 #   make test   set up .venv if needed, then lint and run the whole test suite
 # Running either again reuses .venv; it is reinstalled only when pyproject.toml, setup.py or the
 # C++ extension (csrc/) changes.

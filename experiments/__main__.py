@@ -1,5 +1,5 @@
 """python -m experiments {run|report|commands|slurm} NAME[:VARIANT] [--output=DIR] [--runs=DIR]
-[--seeds=..] [--only=ROW,..]"""
+[--seeds=..] [--only=ROW,..] [--jobs=auto|N]"""
 
 import sys
 from pathlib import Path
@@ -35,6 +35,14 @@ _SEEDS = flags.DEFINE_list(
     "Seeds to train and report instead of the experiment's own (e.g. 3,4,5: the "
     "same comparison on another seed set).",
 )
+_JOBS = flags.DEFINE_string(
+    "jobs",
+    "auto",
+    "run: how many runs train at once, each its own train.py/eval.py process on its share of "
+    "the CPU cores (output in RUNS/logs/). auto: one per CPU core, at most the runs left to "
+    "train, and one (in this process) when a GPU or TPU is visible. 1: one after another, in "
+    "this process.",
+)
 ACTIONS = ("run", "report", "commands", "slurm")
 
 
@@ -67,15 +75,27 @@ def main(argv):
                 )
             return
         if action == "run":
-            runner.run_missing(experiment, runs, tuple(_ONLY.value))
+            run(experiment, runs, tuple(_ONLY.value), runner.parse_jobs(_JOBS.value))
         table = report.write(experiment, output, spec, runs)
-    except loop.Preempted as e:  # SIGTERM or Ctrl-C mid-run: its checkpoint is saved
+    except (loop.Preempted, runner.Stopped) as e:  # SIGTERM or Ctrl-C: checkpoints saved
         logging.warning("%s", e)
         sys.exit(e.exit_code)
     except UserError as e:
         sys.exit(f"error: {e}")
     logging.info("report written to %s", output / "report.md")
     print(f"\n{experiment.question}\n\n{table}\n\nreport: {output / 'report.md'}")
+
+
+def run(experiment, runs: Path, only: tuple[str, ...], jobs: int | None) -> None:
+    """Trains and evaluates what is missing: side by side on the CPU cores when `jobs` (None:
+    auto) comes to more than one, else one run after another in this process."""
+    pending = runner.pending_jobs(experiment, runs, only)
+    groups = runner.job_cores(jobs, len(pending))
+    if len(groups) > 1:
+        logging.info("%d runs to do, %d at a time: CPU cores %s", len(pending), len(groups), groups)
+        runner.run_parallel(pending, groups)
+    else:
+        runner.run_missing(experiment, runs, only)
 
 
 if __name__ == "__main__":

@@ -312,6 +312,20 @@ def commits_line(envs: list[dict]) -> str:
     return "commits " + ", ".join(f"{c} ({n} runs)" for c, n in counts.items())
 
 
+def cores_phrase(envs: list[dict]) -> str:
+    """'2 CPU cores', and ', each run on 1' (or '1-2') when runs had fewer of them, as when
+    the runner trains several side by side; environment.json's before cpu_cores_used count as
+    all cores."""
+    if not envs:
+        return "? CPU cores"
+    total = envs[0].get("cpu_count", "?")
+    used = sorted({env.get("cpu_cores_used", env.get("cpu_count")) for env in envs} - {None})
+    text = f"{total} CPU cores"
+    if used and used != [total]:
+        text += f", each run on {used[0]}" + (f"-{used[-1]}" if len(used) > 1 else "")
+    return text
+
+
 def seeds_flag(experiment: Experiment, spec: str) -> str:
     """' --seeds=...' when the experiment runs other seeds than its file's, else '' (also for
     an experiment defined in code, with no file)."""
@@ -374,7 +388,7 @@ logging intervals.
 
 Produced by `python -m experiments run {spec}{flags}`
 on {env.get("device_count", "?")} x
-{env.get("device_kind", "?")} ({env.get("platform", "?")}, {env.get("cpu_count", "?")} CPU cores),
+{env.get("device_kind", "?")} ({env.get("platform", "?")}, {cores_phrase(envs)}),
 {commits_line(envs)}; {versions}.
 """
     (output / "report.md").write_text(text)

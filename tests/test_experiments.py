@@ -93,6 +93,83 @@ def test_tiny_experiment_end_to_end_and_rerun_skips(tmp_path):
     assert before == {p: p.stat().st_mtime for p in before}
 
 
+def test_jobs_split_the_cpu_cores_among_runs_side_by_side():
+    none = ""  # no accelerator visible
+    assert runner.job_cores(None, 12, cores=[0, 1], accelerator=none) == [(0,), (1,)]
+    assert runner.job_cores(None, 1, cores=[0, 1], accelerator=none) == [(0, 1)]  # one left
+    assert runner.job_cores(None, 0, cores=[0, 1], accelerator=none) == [(0, 1)]
+    assert runner.job_cores(1, 12, cores=[0, 1], accelerator=none) == [(0, 1)]
+    eight = runner.job_cores(3, 12, cores=range(8), accelerator=none)
+    assert eight == [(0, 1, 2), (3, 4, 5), (6, 7)]  # the first groups get the cores left over
+    assert runner.job_cores(None, 12, cores=[0, 1], accelerator="/dev/nvidia0") == [(0, 1)]
+    with pytest.raises(experiments.UserError, match=r"^--jobs=3: more runs at once than the 2"):
+        runner.job_cores(3, 12, cores=[0, 1], accelerator=none)
+    with pytest.raises(experiments.UserError, match=r"share one accelerator \(/dev/nvidia0\)"):
+        runner.job_cores(2, 12, cores=[0, 1], accelerator="/dev/nvidia0")
+    assert runner.parse_jobs("auto") is None and runner.parse_jobs(" 2 ") == 2
+    for bad in ("0", "-1", "two", ""):
+        with pytest.raises(experiments.UserError, match=f"^--jobs={bad}: use auto or"):
+            runner.parse_jobs(bad)
+
+
+def _two_cores() -> list[tuple[int, ...]]:
+    """Two groups of one core each: the machine's first and last (the same one on one core)."""
+    cores = sorted(os.sched_getaffinity(0))
+    return [(cores[0],), (cores[-1],)]
+
+
+@pytest.mark.slow
+def test_runs_side_by_side_train_evaluate_and_are_skipped_after(tmp_path):
+    experiment = tiny_experiment()
+    jobs = runner.pending_jobs(experiment, tmp_path)
+    labels = ["plain seed 0", "plain seed 1", "pooled_avg seed 0", "pooled_avg seed 1"]
+    assert [job.label for job in jobs] == labels
+    assert [len(job.steps) for job in jobs] == [2, 2, 2, 2]  # train.py, then eval.py
+    done = runner.run_parallel(jobs, _two_cores())
+    assert sorted(done) == sorted(job.workdir for job in jobs)
+    for job in jobs:
+        assert (job.workdir / runner.TRAINED).is_file()
+        assert (job.workdir / runner.EVALUATED).is_file()
+        environment = json.loads((job.workdir / "environment.json").read_text())
+        assert environment["cpu_cores_used"] == 1
+        log = job.log.read_text()
+        assert log.count("$ ") == 2 and "train.py" in log and "eval.py" in log
+    assert runner.pending_jobs(experiment, tmp_path) == []  # everything finished: skipped
+    report.write(experiment, tmp_path, "tiny")
+    if os.cpu_count() > 1:  # each run had one of the machine's cores: the report says so
+        text = (tmp_path / "report.md").read_text()
+        assert f"{os.cpu_count()} CPU cores, each run on 1)" in text
+
+
+def test_the_report_says_how_many_cores_each_run_had():
+    assert report.cores_phrase([{"cpu_count": 2}, {"cpu_count": 2}]) == "2 CPU cores"
+    both = [{"cpu_count": 2, "cpu_cores_used": 2}]
+    assert report.cores_phrase(both) == "2 CPU cores"
+    side = [{"cpu_count": 8, "cpu_cores_used": 1}, {"cpu_count": 8, "cpu_cores_used": 2}]
+    assert report.cores_phrase(side) == "8 CPU cores, each run on 1-2"
+    assert report.cores_phrase([]) == "? CPU cores"
+
+
+@pytest.mark.slow
+def test_a_run_that_fails_beside_others_stops_them_and_is_named(tmp_path):
+    long = {**TINY, "training.num_steps": 100000, "training.checkpoint_every_steps": 100000}
+    runs = (
+        Run("long", "configs/builtin.py:plain", long),
+        Run("bad", "configs/builtin.py:plain", {**TINY, "model.stride": -1}),
+    )
+    experiment = Experiment("tiny", "Does a failure stop the rest?", runs, seeds=(0,))
+    jobs = runner.pending_jobs(experiment, tmp_path)
+    start = time.monotonic()
+    with pytest.raises(experiments.UserError) as failure:
+        runner.run_parallel(jobs, _two_cores())
+    message = str(failure.value)
+    assert message.startswith("bad seed 0 failed (train.py exited with status 1): error: ")
+    assert "model.stride" in message and str(jobs[1].log) in message
+    assert "\n" not in message and "rerun the same command to resume" in message
+    assert time.monotonic() - start < 120  # the long run was stopped, not waited for
+    assert jobs[0].proc.poll() is not None  # and has ended
+
+
 def test_every_experiment_and_variant_builds_valid_configs():
     from configs import schema
 

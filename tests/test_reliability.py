@@ -4,6 +4,7 @@ The catalogue of user mistakes goes through the real command line (`train.py`), 
 the user sees there is the point: one line naming the cause, no traceback.
 """
 
+import fcntl
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import pytest
 from errors import UserError
 from training import checkpoint as ckpt_lib
 from training import loop
+from training import workdir as workdir_lib
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = [
@@ -221,6 +223,65 @@ def test_sigterm_and_ctrl_c_save_a_checkpoint_and_exit(tmp_path, cli, signum, co
     assert said in err and "rerun the same command to resume" in err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
     assert ckpt_lib.Checkpoints(workdir, keep=2).latest_step() > 0
+
+
+def _lock_is_free(workdir: Path) -> bool:
+    """Whether no process holds the run's workdir lock (train.py holds it while it runs)."""
+    try:
+        with open(workdir / workdir_lib.LOCK, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+    except BlockingIOError:
+        return False
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two runs side by side: 2 cores")
+@pytest.mark.parametrize(
+    "how, code",
+    [("SIGTERM", 143), ("Ctrl-C", 130), ("kill -9", None)],
+)
+def test_runs_side_by_side_save_their_checkpoints_however_the_runner_stops(tmp_path, how, code):
+    """The experiment runner training two runs side by side (--jobs=2) is stopped by SIGTERM,
+    by Ctrl-C (SIGINT to the whole terminal's process group) or by kill -9 (the runner alone):
+    each run saves its checkpoint and ends; nothing keeps training in the workdirs."""
+    command = ["-m", "experiments", "run", "families:small", "--only=plain", "--seeds=0,1"]
+    proc = subprocess.Popen(
+        [sys.executable, *command, "--jobs=2", f"--output={tmp_path}"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's job
+    )
+    workdirs = [tmp_path / "plain" / f"seed_{seed}" for seed in (0, 1)]
+    deadline = time.time() + 240
+    while time.time() < deadline and not all(
+        (w / "metrics.jsonl").exists() and (w / "metrics.jsonl").read_text() for w in workdirs
+    ):
+        time.sleep(0.1)
+    if how == "SIGTERM":
+        proc.send_signal(signal.SIGTERM)
+    elif how == "Ctrl-C":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.kill()
+    _, err = proc.communicate(timeout=120)
+    if code is not None:
+        assert proc.returncode == code, err[-2000:]
+        assert "plain seed 0" in err and "plain seed 1" in err
+        assert "after saving the checkpoints of" in err and "rerun the same command" in err
+        assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    deadline = time.time() + 120  # after kill -9: the runs end on their own (SIGTERM)
+    while time.time() < deadline and not all(_lock_is_free(w) for w in workdirs):
+        time.sleep(0.2)
+    for workdir in workdirs:
+        assert _lock_is_free(workdir), f"{workdir}: still training after the runner stopped"
+        assert ckpt_lib.Checkpoints(workdir, keep=2).latest_step() > 0
+        assert (
+            "stopped by SIGTERM after saving the checkpoint"
+            in (tmp_path / "logs" / "plain" / f"{workdir.name}.log").read_text()
+            or how == "Ctrl-C"
+        )
 
 
 @pytest.mark.slow

@@ -337,6 +337,7 @@ def environment() -> dict:
         "process_count": jax.process_count(),
         "host": platform.node(),
         "cpu_count": os.cpu_count(),
+        "cpu_cores_used": len(os.sched_getaffinity(0)),  # those this process may run on
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "host_memory": _host_memory,  # configure_host_memory: glibc's malloc set up or not
         "git_commit": git_commit(),
