@@ -35,14 +35,7 @@ _SEEDS = flags.DEFINE_list(
     "Seeds to train and report instead of the experiment's own (e.g. 3,4,5: the "
     "same comparison on another seed set).",
 )
-_JOBS = flags.DEFINE_string(
-    "jobs",
-    "auto",
-    "run: how many runs train at once, each its own train.py/eval.py process on its share of "
-    "the CPU cores (output in RUNS/logs/). auto: one per CPU core, at most the runs left to "
-    "train, and one (in this process) when a GPU or TPU is visible. 1: one after another, in "
-    "this process.",
-)
+_JOBS = flags.DEFINE_string("jobs", "auto", runner.JOBS_HELP)
 ACTIONS = ("run", "report", "commands", "slurm")
 
 
@@ -75,7 +68,7 @@ def main(argv):
                 )
             return
         if action == "run":
-            run(experiment, runs, tuple(_ONLY.value), runner.parse_jobs(_JOBS.value))
+            runner.run(experiment, runs, tuple(_ONLY.value), runner.parse_jobs(_JOBS.value))
         table = report.write(experiment, output, spec, runs)
     except (loop.Preempted, runner.Stopped) as e:  # SIGTERM or Ctrl-C: checkpoints saved
         logging.warning("%s", e)
@@ -84,18 +77,6 @@ def main(argv):
         sys.exit(f"error: {e}")
     logging.info("report written to %s", output / "report.md")
     print(f"\n{experiment.question}\n\n{table}\n\nreport: {output / 'report.md'}")
-
-
-def run(experiment, runs: Path, only: tuple[str, ...], jobs: int | None) -> None:
-    """Trains and evaluates what is missing: side by side on the CPU cores when `jobs` (None:
-    auto) comes to more than one, else one run after another in this process."""
-    pending = runner.pending_jobs(experiment, runs, only)
-    groups = runner.job_cores(jobs, len(pending))
-    if len(groups) > 1:
-        logging.info("%d runs to do, %d at a time: CPU cores %s", len(pending), len(groups), groups)
-        runner.run_parallel(pending, groups)
-    else:
-        runner.run_missing(experiment, runs, only)
 
 
 if __name__ == "__main__":

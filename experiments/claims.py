@@ -392,20 +392,24 @@ def main(argv):
     if len(argv) != 3 or argv[1] not in actions:
         raise app.UsageError("usage: python -m experiments.claims {run|report} NAME[:VARIANT]")
     action, spec = argv[1], argv[2]
-    try:
-        import experiments
-        from experiments import runner
+    import experiments
+    from experiments import runner
+    from training import loop
 
+    try:
         experiment = experiments.get(spec)
         if _SEEDS.value:
             experiment = experiments.with_seeds(experiment, _SEEDS.value)
         output = Path(_OUTPUT.value or Path("runs") / spec.replace(":", "_"))
         runs = Path(_RUNS.value) if _RUNS.value else output
         if action == "run":
-            runner.run_missing(experiment, runs)
+            runner.run(experiment, runs, jobs=runner.parse_jobs(_JOBS.value))
             evaluate_missing(experiment, runs)
             report_lib.write(experiment, output, spec, runs)
         write(experiment, output, spec, runs)
+    except (loop.Preempted, runner.Stopped) as e:  # SIGTERM or Ctrl-C: checkpoints saved
+        logging.warning("%s", e)
+        sys.exit(e.exit_code)
     except UserError as e:
         sys.exit(f"error: {e}")
     logging.info("claims report written to %s", output / "claims.md")
@@ -422,4 +426,7 @@ if __name__ == "__main__":
     _OUTPUT = flags.DEFINE_string("output", None, "Output folder (default: runs/NAME_VARIANT).")
     _RUNS = flags.DEFINE_string("runs", None, "Folder of the runs (default: the output folder).")
     _SEEDS = flags.DEFINE_list("seeds", [], "Seeds instead of the experiment's own (e.g. 0).")
+    from experiments.runner import JOBS_HELP
+
+    _JOBS = flags.DEFINE_string("jobs", "auto", JOBS_HELP)
     app.run(main)

@@ -4,6 +4,7 @@
     python -m experiments.detection run detection:fashion_mnist   # Fashion-MNIST scenes (GPU)
     python -m experiments.detection report detection:small        # from finished runs
     [--output=DIR] [--runs=DIR] [--seeds=0,1] [--only=rcnn]       # default runs/NAME_VARIANT
+    [--jobs=auto|N]            # runs side by side on the CPU cores, as `python -m experiments`
 
 Both methods train the `pooled_max` preset on the same scenes. On Fashion-MNIST scenes both
 start from the same classifier, as the papers start from ImageNet classifiers: the families
@@ -122,18 +123,24 @@ def prerequisite(variant: str, seeds: tuple[int, ...]) -> Experiment | None:
     return Experiment(BACKBONES[variant][0], "", (row,), tuple(seeds), max_shift=4)
 
 
-def train_backbones(variant: str, seeds: tuple[int, ...], runs: Path) -> list[Path]:
+def train_backbones(
+    variant: str, seeds: tuple[int, ...], runs: Path, jobs: int | None = 1
+) -> list[Path]:
     """Trains and evaluates the backbone classifier of each seed that `runs` lacks (the
-    classification runner: skipped when finished, resumed when interrupted)."""
+    classification runner: skipped when finished, resumed when interrupted; `jobs` as
+    `runner.run`)."""
     classifiers = prerequisite(variant, seeds)
-    return [] if classifiers is None else runner.run_missing(classifiers, runs)
+    return [] if classifiers is None else runner.run(classifiers, runs, jobs=jobs)
 
 
-def run_missing(experiment: Experiment, output: Path, only: tuple[str, ...] = ()) -> list[Path]:
-    """The runner's `run_missing` with detection's training (which evaluates its runs)."""
+def run_missing(
+    experiment: Experiment, output: Path, only: tuple[str, ...] = (), jobs: int | None = 1
+) -> list[Path]:
+    """The runner's `run` with detection's training (which evaluates its runs); `jobs` as
+    `runner.run` (1: one after another in this process)."""
     from detection import train as detection_train
 
-    return runner.run_missing(experiment, output, only, train=detection_train.train_and_evaluate)
+    return runner.run(experiment, output, only, jobs, train=detection_train.train_and_evaluate)
 
 
 # what a re-evaluation of the final state replaces in a run's results.json
@@ -432,7 +439,7 @@ ACTIONS = ("run", "report")
 
 def main(argv: list[str]) -> None:
     """python -m experiments.detection {run|report} detection[:VARIANT] [--output=DIR]
-    [--seeds=..] [--only=ROW,..]"""
+    [--seeds=..] [--only=ROW,..] [--jobs=auto|N]"""
     from absl import logging
 
     from training import loop
@@ -443,10 +450,11 @@ def main(argv: list[str]) -> None:
         sys.exit(
             f"usage: python -m experiments.detection {{{'|'.join(ACTIONS)}}} detection[:VARIANT]"
         )
-    unknown = set(options) - {"output", "runs", "seeds", "only"}
+    unknown = set(options) - {"output", "runs", "seeds", "only", "jobs"}
     if unknown:
         sys.exit(
-            f"error: unknown flag --{sorted(unknown)[0]}; flags: --output, --runs, --seeds, --only"
+            f"error: unknown flag --{sorted(unknown)[0]}; flags: --output, --runs, --seeds, "
+            "--only, --jobs"
         )
     action, spec = args
     try:
@@ -460,10 +468,11 @@ def main(argv: list[str]) -> None:
             experiment = with_seeds(experiment, options["seeds"].split(","))
         if action == "run":
             only = tuple(filter(None, options.get("only", "").split(",")))
-            train_backbones(variant or "small", experiment.seeds, runs)
-            run_missing(experiment, runs, only)
+            jobs = runner.parse_jobs(options.get("jobs", "auto"))
+            train_backbones(variant or "small", experiment.seeds, runs, jobs)
+            run_missing(experiment, runs, only, jobs)
         table = write_report(experiment, output, spec, runs)
-    except loop.Preempted as e:  # SIGTERM or Ctrl-C mid-run: its checkpoint is saved
+    except (loop.Preempted, runner.Stopped) as e:  # SIGTERM or Ctrl-C: checkpoints saved
         logging.warning("%s", e)
         sys.exit(e.exit_code)
     except UserError as e:

@@ -120,6 +120,11 @@ def _check_finished(workdir: Path, run: Run, seed: int) -> None:
 # sooner side by side than one after another. Each run's cores are fixed when it starts, and
 # its environment.json records how many it had.
 
+JOBS_HELP = (
+    "run: how many runs train at once, each its own train/eval process on its share of the CPU "
+    "cores (output in RUNS/logs/). auto: one per CPU core, at most the runs left to train, and "
+    "one (in this process) when a GPU or TPU is visible. 1: one after another, in this process."
+)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LOGS = "logs"  # <runs folder>/logs/<run>/seed_<seed>.log: the output of a run's programs
 _POLL_SECONDS = 0.2
@@ -138,6 +143,25 @@ class Stopped(Exception):
             "rerun the same command to resume"
         )
         self.signum, self.exit_code = signum, 128 + signum
+
+
+def run(
+    experiment: Experiment,
+    output: Path,
+    only: tuple[str, ...] = (),
+    jobs: int | None = None,
+    train: Callable | None = None,
+) -> list[Path]:
+    """Trains (and evaluates) what `experiment` still lacks in `output`: side by side on the
+    CPU cores (`run_parallel`) when `jobs` (None: auto, see `job_cores`) comes to more than
+    one, else one run after another in this process (`run_missing`, with `train` when the
+    task brings its own); returns the workdirs it touched."""
+    pending = pending_jobs(experiment, output, only)
+    groups = job_cores(jobs, len(pending))
+    if len(groups) <= 1:
+        return run_missing(experiment, output, only, train=train)
+    logging.info("%d runs to do, %d at a time: CPU cores %s", len(pending), len(groups), groups)
+    return run_parallel(pending, groups)
 
 
 def parse_jobs(value: str) -> int | None:
@@ -216,7 +240,7 @@ def pending_jobs(experiment: Experiment, output: Path, only: tuple[str, ...] = (
                 _check_finished(workdir, run, seed)
             else:
                 steps.append(train)
-            if not (workdir / EVALUATED).exists():
+            if SEPARATE_EVAL[experiment.task] and not (workdir / EVALUATED).exists():
                 steps.append(evaluate)
             if steps:
                 log = output / LOGS / run.name / f"seed_{seed}.log"
@@ -352,6 +376,9 @@ PROGRAMS = {
     "classification": ("python train.py", "python eval.py", "--max_shift={max_shift}"),
     "detection": ("python -m detection train", "python -m detection eval", "--checkpoint=latest"),
 }
+# Whether the runner evaluates a trained run with the task's eval program (detection's training
+# evaluates its runs itself: their results.json holds the test measures).
+SEPARATE_EVAL = {"classification": True, "detection": False}
 REPORT_PROGRAMS = {
     "classification": "python -m experiments report",
     "detection": "python -m experiments.detection report",

@@ -112,6 +112,23 @@ def test_jobs_split_the_cpu_cores_among_runs_side_by_side():
             runner.parse_jobs(bad)
 
 
+def test_runs_to_do_name_their_programs_and_detection_is_not_evaluated_again(tmp_path):
+    jobs = runner.pending_jobs(tiny_experiment(), tmp_path, only=("pooled_avg",))
+    assert [job.label for job in jobs] == ["pooled_avg seed 0", "pooled_avg seed 1"]
+    train, evaluate = jobs[0].steps
+    assert train[:2] == ["python", "train.py"] and evaluate[:2] == ["python", "eval.py"]
+    assert f"--workdir={tmp_path.resolve() / 'pooled_avg' / 'seed_0'}" in train
+    assert jobs[0].log == tmp_path.resolve() / "logs" / "pooled_avg" / "seed_0.log"
+    detection = Experiment(
+        "det", "?", (Run("rcnn", "configs/detection.py:rcnn"),), seeds=(0,), task="detection"
+    )
+    (job,) = runner.pending_jobs(detection, tmp_path)
+    assert job.steps == [
+        ["python", "-m", "detection", "train", "--config=configs/detection.py:rcnn"]
+        + [f"--workdir={tmp_path.resolve() / 'rcnn' / 'seed_0'}", "--config.seed=0"]
+    ]  # its training evaluates: no second program
+
+
 def _two_cores() -> list[tuple[int, ...]]:
     """Two groups of one core each: the machine's first and last (the same one on one core)."""
     cores = sorted(os.sched_getaffinity(0))
