@@ -318,16 +318,24 @@ def run_parallel(jobs: Sequence[_Job], groups: Sequence[tuple[int, ...]]) -> lis
 
 
 def _start(job: _Job, cores: tuple[int, ...]) -> None:
-    """Starts the job's next program on `cores`, its output appended to the job's log."""
+    """Starts the job's next program on `cores`, its output appended to the job's log. It runs
+    in the runner's working folder (relative paths in a config mean what they meant to the
+    runner), the project's scripts and modules found wherever that is."""
     argv = [sys.executable if job.steps[0][0] == "python" else job.steps[0][0], *job.steps[0][1:]]
+    if argv[1].endswith(".py"):
+        argv[1] = str(PROJECT_ROOT / argv[1])
+    for i, arg in enumerate(argv):  # config files are named relative to the project
+        if arg.startswith("--config=") and not Path(arg.removeprefix("--config=")).is_absolute():
+            argv[i] = f"--config={PROJECT_ROOT / arg.removeprefix('--config=')}"
     job.program = argv[2] if argv[1] == "-m" else Path(argv[1]).name
+    paths = [str(PROJECT_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
     job.log.parent.mkdir(parents=True, exist_ok=True)
     with open(job.log, "a") as log:
         log.write(f"$ {shlex.join(argv)}  # CPU cores {','.join(map(str, cores))}\n")
         log.flush()
         job.proc = subprocess.Popen(
             argv,
-            cwd=PROJECT_ROOT,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(paths)},
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
