@@ -79,6 +79,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # a schedule.warmup_steps not shorter than this is capped at half of it (one warning line)
     c.training.num_steps = 1_500
     c.training.label_smoothing = 0.0
+    # weight averaging: 0 off; else an exponential moving average of the parameters and the
+    # BatchNorm statistics (decay per step, e.g. 0.999; while the step count t is small the
+    # decay is min(ema_decay, (1 + t) / (10 + t)), as TensorFlow's ExponentialMovingAverage
+    # with num_updates) is kept in the state, and every evaluation uses it (eval.py too)
+    c.training.ema_decay = 0.0
     c.training.eval_every_steps = 500
     c.training.eval_batch_size = 500
     c.training.log_every_steps = 100

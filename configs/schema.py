@@ -86,6 +86,7 @@ def validate(config: ml_collections.ConfigDict):
     for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         _require(t[field] > 0, f"training.{field}", "must be > 0")
     _require(0 <= t.label_smoothing < 1, "training.label_smoothing", "must be in [0, 1)")
+    _require(0 <= t.ema_decay < 1, "training.ema_decay", "must be in [0, 1) (0: off)")
     _choice(config, "training.on_nonfinite_loss", NONFINITE_POLICIES)
     _choice(config, "training.progress", PROGRESS)
     _choice(config, "distributed.initialize", DISTRIBUTED)

@@ -26,12 +26,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 import data
 from detection import boxes as box_ops
 from detection import regions
 from training import optim
+from training import state as state_lib
 
 HARD, EASY = -1.0, -1.2  # appendix B: cache negatives above HARD, evict those below EASY
 MAX_ITERATIONS = 300
@@ -43,7 +43,7 @@ def _region_features(state, images, rois, valid, *, graphdef, config, mean, std)
     network's layer that feeds its class scores), P regions at a time over the valid ones, as
     `detection.train.predict_step` runs R-CNN (`regions.over_kept_rois`)."""
     x = data.normalize(images, mean, std, jnp.dtype(config.model.dtype))
-    model = nnx.merge(graphdef, state["params"], state["batch_stats"], state["other"])
+    model = state_lib.merge_model(graphdef, state)
     b, p = rois.shape[:2]
     (features,) = regions.over_kept_rois(
         lambda r, i: (model.forward(x, r, i)[2],),

@@ -382,7 +382,7 @@ def predict_step(state, images, rois, valid, *, graphdef, config, mean, std):
     d = config.detection
     b, p = rois.shape[:2]
     x = data.normalize(images, mean, std, jnp.dtype(config.model.dtype))
-    model = nnx.merge(graphdef, state["params"], state["batch_stats"], state["other"])
+    model = state_lib.merge_model(graphdef, state)
     flat, roi_image, keep = rois.reshape(-1, 4), jnp.repeat(jnp.arange(b), p), valid.reshape(-1)
     if d.mode == "rcnn":
 

@@ -62,6 +62,10 @@ def assert_one_clear_line(out: subprocess.CompletedProcess, *expected: str) -> N
             ("conv1", "floor((32 + 2*1 - 41)/1) + 1"),
         ),
         (["--config=configs/builtin.py:plain", "--config.model.stride=-1"], ("model.stride",)),
+        (
+            ["--config=configs/builtin.py:plain", "--config.training.ema_decay=1.0"],
+            ("training.ema_decay", "[0, 1)"),
+        ),
         (["--config=configs/builtin.py", "--config.dataset.name=imagenet"], ("imagenet",)),
         (["--config=configs/builtin.py", "--config.model.name=vgg"], ("vgg", "resnet")),
         (

@@ -338,3 +338,41 @@ def test_abstract_train_state_describes_the_created_state():
     assert jax.tree.structure(state) == jax.tree.structure(abstract)
     for array, spec in zip(leaves, abstract_leaves, strict=True):
         assert (spec.shape, spec.dtype, spec.sharding) == (array.shape, array.dtype, array.sharding)
+
+
+def test_weight_averaging_follows_its_recurrence_and_every_evaluation_uses_it(tmp_path):
+    """training.ema_decay: the state keeps the moving average of the parameters and BatchNorm
+    statistics, ema_t = r_t ema_(t-1) + (1 - r_t) w_t with r_t = min(decay, (1 + t) / (10 + t)),
+    the periodic and final evaluations and eval.py measure it, and a run resumes with it."""
+    config = tiny_config("resnet20", steps=6)
+    config.training.ema_decay = 0.8
+    s = setup_lib.setup(config)
+    state, batches = s.state, s.train_batches(start_step=0)
+    weights = lambda state: jax.device_get(  # copied: the train step donates the state
+        {"params": state["params"], "batch_stats": state["batch_stats"]}
+    )
+    expected = weights(state)
+    for t in range(6):
+        state, _ = s.train_step(state, next(batches))
+        rate = min(0.8, (1 + t) / (10 + t))
+        new = weights(state)
+        expected = jax.tree.map(lambda e, w, r=rate: r * e + (1 - r) * w, expected, new)
+    for e, got in zip(jax.tree.leaves(expected), jax.tree.leaves(state["ema"]), strict=True):
+        np.testing.assert_allclose(got, e, rtol=1e-5, atol=1e-6)
+    averaged, last = jax.tree.leaves(state["ema"]["params"]), jax.tree.leaves(state["params"])
+    assert not all(np.allclose(a, b) for a, b in zip(averaged, last, strict=True))
+    # evaluation measures the average: the raw weights do not matter, the average does
+    test = s.test_split()
+    zeroed = dict(state, params=jax.tree.map(np.zeros_like, state["params"]))
+    raw = dict(state, ema={"params": state["params"], "batch_stats": state["batch_stats"]})
+    with_ema = s.evaluate(state, test)
+    assert s.evaluate(zeroed, test) == with_ema and s.evaluate(raw, test) != with_ema
+    # a whole run: its final test accuracy is the average's, and eval.py restores it
+    results = loop.train_and_evaluate(config, tmp_path)
+    from evaluation import run as run_lib
+
+    run = run_lib.load_run(tmp_path)
+    assert "ema" in run.state
+    assert run.setup.evaluate(run.state, run.splits.test)["accuracy"] == pytest.approx(
+        results["final"]["test"]["accuracy"]
+    )

@@ -1,7 +1,9 @@
 """The train state: created, described without computing it, and turned back into a model.
 
-The state is a dict pytree {step, params, batch_stats, other, opt_state, rng}, replicated on
-every device of the mesh (data parallelism); `graphdef` is the model's static structure.
+The state is a dict pytree {step, params, batch_stats, other, opt_state, rng}, and with
+training.ema_decay > 0 also ema = {params, batch_stats} (their moving average, which every
+evaluation uses), replicated on every device of the mesh (data parallelism); `graphdef` is the
+model's static structure.
 """
 
 from typing import Any
@@ -9,6 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -36,7 +39,7 @@ def init_program(config: ml_collections.ConfigDict, mesh, make_model):
         model = make_model(nnx.Rngs(config.seed))
         graphdef, params, batch_stats, other = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
         structure["graphdef"] = graphdef
-        return {
+        state = {
             "step": jnp.zeros((), jnp.int32),
             "params": params,
             "batch_stats": batch_stats,
@@ -44,6 +47,9 @@ def init_program(config: ml_collections.ConfigDict, mesh, make_model):
             "opt_state": tx.init(params),
             "rng": jax.random.key_data(jax.random.key(config.seed)),
         }
+        if config.training.get("ema_decay", 0.0) > 0:
+            state["ema"] = {"params": params, "batch_stats": batch_stats}
+        return state
 
     return jax.jit(init, out_shardings=NamedSharding(mesh, P())), structure
 
@@ -95,8 +101,18 @@ def abstract_like(state):
 
 
 def merge_model(graphdef, state) -> nnx.Module:
-    """Returns the model whose arrays are those of `state` (params, batch_stats, other)."""
-    return nnx.merge(graphdef, state["params"], state["batch_stats"], state["other"])
+    """Returns the model whose arrays are those of `state` (params, batch_stats, other): the
+    moving average's params and batch_stats when the state keeps one (training.ema_decay)."""
+    weights = state.get("ema", state)
+    return nnx.merge(graphdef, weights["params"], weights["batch_stats"], state["other"])
+
+
+def update_ema(ema, params, batch_stats, step, decay: float):
+    """Returns the moving average `ema` ({params, batch_stats}) moved towards this step's
+    values: optax.incremental_update with the decay min(decay, (1 + step) / (10 + step))."""
+    rate = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    new = {"params": params, "batch_stats": batch_stats}
+    return optax.incremental_update(new, ema, step_size=1.0 - rate)
 
 
 def predict(state, images: jax.Array, *, graphdef, config, mean, std) -> jax.Array:

@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 import data
 from data import batches as batches_lib
 from training import optim
-from training.state import abstract_like, predict
+from training.state import abstract_like, predict, update_ema
 
 STEPS = ("train", "eval")
 
@@ -74,6 +74,10 @@ def apply_gradients(state, loss, grads, batch_stats, tx, training) -> tuple[dict
     new = dict(
         state, step=state["step"] + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
     )
+    if "ema" in state:
+        new["ema"] = update_ema(
+            state["ema"], params, batch_stats, state["step"], training.ema_decay
+        )
     finite = jnp.isfinite(loss) & jnp.all(
         jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
     )
