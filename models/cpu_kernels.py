@@ -48,7 +48,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-import os
 from collections.abc import Callable, Iterator
 
 import jax
@@ -57,7 +56,6 @@ import jax.numpy as jnp
 from models import onednn  # a leaf: onednn does not import this module
 
 ENV_VAR = "CONVNETS_CPU_KERNELS"
-_OFF_VALUES = ("0", "off", "false", "no")
 
 _override: bool | None = None  # set_enabled's flag; None: the default
 
@@ -65,7 +63,7 @@ _override: bool | None = None  # set_enabled's flag; None: the default
 def default() -> bool:
     """Returns the switch's default: on for the CPU backend unless CONVNETS_CPU_KERNELS is
     0, off, false or no."""
-    if os.environ.get(ENV_VAR, "").strip().lower() in _OFF_VALUES:
+    if onednn.switched_off(ENV_VAR):
         return False
     return jax.default_backend() == "cpu"
 

@@ -50,7 +50,7 @@ from absl import logging
 SWITCH_ENV = "CONVNETS_ONEDNN"
 LIBRARY_ENV = "CONVNETS_ONEDNN_LIBRARY"
 THREADS_ENV = "CONVNETS_ONEDNN_THREADS"
-_OFF_VALUES = ("0", "off", "false", "no")
+OFF_VALUES = ("0", "off", "false", "no")  # what turns a CONVNETS_* switch off
 
 EXTENSION = "_onednn_conv"  # models/_onednn_conv<EXT_SUFFIX>, built by setup.py
 RUNTIME_DIST, RUNTIME_LIBRARY = "onednn-cpu-gomp", "libdnnl.so.3"
@@ -180,9 +180,14 @@ def unavailable_reason() -> str | None:
     return _reason
 
 
+def switched_off(variable: str) -> bool:
+    """Whether the environment variable `variable` is set to 0 / off / false / no."""
+    return os.environ.get(variable, "").strip().lower() in OFF_VALUES
+
+
 def switched_on() -> bool:
     """Returns False when CONVNETS_ONEDNN is 0 / off / false / no."""
-    return os.environ.get(SWITCH_ENV, "").strip().lower() not in _OFF_VALUES
+    return not switched_off(SWITCH_ENV)
 
 
 def usable() -> bool:
