@@ -1,6 +1,5 @@
 """Runs an experiment's missing runs (resuming interrupted ones) and lists or scripts them."""
 
-import ctypes
 import dataclasses
 import os
 import shlex
@@ -16,6 +15,7 @@ from absl import logging
 import configs
 from errors import UserError
 from experiments import Experiment, Run
+from training import runtime
 
 TRAINED = "results.json"
 EVALUATED = "eval/latest/eval.json"
@@ -128,7 +128,6 @@ JOBS_HELP = (
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LOGS = "logs"  # <runs folder>/logs/<run>/seed_<seed>.log: the output of a run's programs
 _POLL_SECONDS = 0.2
-_PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
 
 class Stopped(Exception):
@@ -186,8 +185,6 @@ def job_cores(
     to train), or one when an accelerator is visible (`accelerator`, default the runtime's
     detection: its runs would share one device). UserError for more jobs than cores, or for
     several on an accelerator."""
-    from training import runtime
-
     cores = sorted(os.sched_getaffinity(0) if cores is None else cores)
     if accelerator is None:
         accelerator = runtime.visible_gpu() or runtime.visible_tpu()
@@ -329,35 +326,26 @@ def _start(job: _Job, cores: tuple[int, ...]) -> None:
             argv[i] = f"--config={PROJECT_ROOT / arg.removeprefix('--config=')}"
     job.program = argv[2] if argv[1] == "-m" else Path(argv[1]).name
     paths = [str(PROJECT_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(paths),
+        # the program keeps to its cores and stops when the runner dies: set up by itself
+        # (training.runtime.follow_runner), not between fork and exec here
+        runtime.CORES_ENV: ",".join(map(str, cores)),
+        runtime.RUNNER_ENV: str(os.getpid()),
+    }
     job.log.parent.mkdir(parents=True, exist_ok=True)
     with open(job.log, "a") as log:
         log.write(f"$ {shlex.join(argv)}  # CPU cores {','.join(map(str, cores))}\n")
         log.flush()
         job.proc = subprocess.Popen(
             argv,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(paths)},
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            preexec_fn=_child_setup(cores),
         )
     logging.info("%s: %s on CPU cores %s, output in %s", job.label, job.program, cores, job.log)
-
-
-def _child_setup(cores: tuple[int, ...]) -> Callable[[], None]:
-    """What a program runs between fork and exec: its CPU cores, and SIGTERM when the runner
-    dies (so that no orphan keeps training in a workdir the next run would want)."""
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):  # not Linux: no parent-death signal
-        prctl = None
-
-    def setup():
-        os.sched_setaffinity(0, cores)
-        if prctl is not None:
-            prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-    return setup
 
 
 def _last_error(log: Path) -> str:

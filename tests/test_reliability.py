@@ -682,3 +682,9 @@ def test_a_field_added_to_base_since_the_run_was_saved_does_not_block_the_resume
     (tmp_path / "config.json").write_text(json.dumps(saved))
     (tmp_path / "results.json").unlink()
     assert loop.train_and_evaluate(config, tmp_path)["steps"] == 6
+
+
+def test_cores_from_the_runner_that_name_no_core_are_one_line(tmp_path):
+    env = dict(os.environ, CONVNETS_CPU_CORES="a,b")
+    out = train_cli("--config=configs/builtin.py:plain", f"--workdir={tmp_path}", env=env)
+    assert_one_clear_line(out, "$CONVNETS_CPU_CORES='a,b'", "it names CPU cores")

@@ -4,6 +4,7 @@ import ctypes
 import os
 import platform as platform_lib
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -72,15 +73,43 @@ def configure_compilation_cache() -> str | None:
 
 
 def configure_jax(platform: str = "cpu", *, project_flags: bool = True) -> None:
-    """The process set-up that must come before JAX starts: the project's XLA flags for
+    """The process set-up that must come before JAX starts: the CPU cores and parent of a
+    program the experiment runner started (`follow_runner`), the project's XLA flags for
     `platform` (unless not `project_flags`), the persistent compilation cache, glibc's malloc
     for XLA:CPU's buffers (`configure_host_memory`), and JAX's hint
     about a GPU without its plugin left to `warn_about_hardware` (which names the extra). The
     user's environment comes first."""
+    follow_runner()
     configure_xla_flags(platform, project_flags=project_flags)
     configure_compilation_cache()
     configure_host_memory()
     replace_jax_gpu_hint()
+
+
+# Set by the experiment runner (experiments/runner.py) in the programs it starts side by side:
+# the CPU cores the run may use ("0,1"), and the runner's process id.
+CORES_ENV = "CONVNETS_CPU_CORES"
+RUNNER_ENV = "CONVNETS_RUNNER_PID"
+_PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
+
+
+def follow_runner() -> None:
+    """In a program the experiment runner started: keeps to the CPU cores it was given
+    ($CONVNETS_CPU_CORES; XLA's and OpenMP's thread pools are sized by them) and asks the
+    kernel for SIGTERM when the runner dies (Linux), so that a run whose runner was killed
+    saves its checkpoint and stops instead of training on unwatched. Set here, in the program,
+    rather than between fork and exec in the runner, which may already run JAX's threads."""
+    cores = os.environ.get(CORES_ENV, "").strip()
+    if cores:
+        try:
+            os.sched_setaffinity(0, {int(c) for c in cores.split(",")})
+        except (ValueError, OSError) as e:
+            sys.exit(f"error: ${CORES_ENV}={cores!r} ({e}); it names CPU cores, e.g. 0,1")
+    runner = os.environ.get(RUNNER_ENV, "").strip()
+    if runner.isdigit() and sys.platform == "linux":
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != int(runner):  # it died before the signal was asked for
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 # glibc's mallopt(3) parameters
