@@ -135,7 +135,7 @@ class Stopped(Exception):
     passed SIGTERM, saved its checkpoint and stopped. `exit_code` as `training.loop.Preempted`."""
 
     def __init__(self, signum: int, stopped: Sequence[str]):
-        name = "SIGINT (Ctrl-C)" if signum == signal.SIGINT else signal.Signals(signum).name
+        name = runtime.signal_name(signum)
         saved = f" the checkpoints of {', '.join(stopped)}" if stopped else ""
         super().__init__(
             f"stopped by {name} after saving{saved or ' what was running'}; "

@@ -39,7 +39,7 @@ from absl import logging
 
 from errors import UserError
 from training import metrics as metrics_lib
-from training import optim
+from training import optim, runtime
 from training.setup import setup
 from training.state import abstract_like
 
@@ -56,9 +56,8 @@ class Preempted(Exception):
     saved. `exit_code`: the shell's convention for the signal (143, 130)."""
 
     def __init__(self, step: int, signum: int = signal.SIGTERM):
-        name = "SIGINT (Ctrl-C)" if signum == signal.SIGINT else signal.Signals(signum).name
         super().__init__(
-            f"stopped by {name} after saving the checkpoint of step {step}; "
+            f"stopped by {runtime.signal_name(signum)} after saving the checkpoint of step {step}; "
             "rerun the same command to resume"
         )
         self.step, self.signum, self.exit_code = step, signum, 128 + signum

@@ -86,6 +86,11 @@ def configure_jax(platform: str = "cpu", *, project_flags: bool = True) -> None:
     replace_jax_gpu_hint()
 
 
+def signal_name(signum: int) -> str:
+    """'SIGTERM', 'SIGINT (Ctrl-C)': how the one-line stop messages name a signal."""
+    return "SIGINT (Ctrl-C)" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
 # Set by the experiment runner (experiments/runner.py) in the programs it starts side by side:
 # the CPU cores the run may use ("0,1"), and the runner's process id.
 CORES_ENV = "CONVNETS_CPU_CORES"
