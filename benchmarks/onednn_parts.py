@@ -50,10 +50,15 @@ def onednn_name(variant: str) -> str:
 
 
 def parse_variant(variant: str) -> tuple[int, dict]:
-    """'T' or 'T:passive' -> (OpenMP threads, extra environment of the worker)."""
+    """'T' or 'T:passive' -> (OpenMP threads, extra environment of the worker); 'T:xla_norm':
+    BatchNorm on XLA (CONVNETS_ONEDNN_NORM=0), the convolutions through oneDNN."""
     threads, _, policy = variant.partition(":")
+    if threads.isdigit() and policy == "xla_norm":
+        return int(threads), {"CONVNETS_ONEDNN_NORM": "0"}
     if not threads.isdigit() or policy not in ("", "passive", "active", "spin"):
-        raise app.UsageError(f"--threads: {variant!r} is not T, T:passive, T:active or T:spin")
+        raise app.UsageError(
+            f"--threads: {variant!r} is not T, T:passive, T:active, T:spin or T:xla_norm"
+        )
     if policy == "spin":  # libgomp's own default (models.onednn sets PASSIVE unless told)
         return int(threads), {"GOMP_SPINCOUNT": "300000"}
     return int(threads), ({"OMP_WAIT_POLICY": policy.upper()} if policy else {})

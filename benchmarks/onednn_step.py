@@ -89,7 +89,8 @@ def define_flags() -> None:
         "threads",
         ["2"],
         "A oneDNN worker per entry: its OpenMP threads T, or T:passive / T:active / "
-        "T:spin for OMP_WAIT_POLICY (spin: libgomp's default, GOMP_SPINCOUNT=300000).",
+        "T:spin for OMP_WAIT_POLICY (spin: libgomp's default, GOMP_SPINCOUNT=300000), or "
+        "T:xla_norm for BatchNorm on XLA.",
     )
     flags.DEFINE_enum("reference", TORCH, [TORCH, "none"], "The reference to time.")
     flags.DEFINE_string(

@@ -33,6 +33,7 @@
 #include <mutex>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #pragma GCC diagnostic push
@@ -309,6 +310,151 @@ auto BindConv() {
       .Attr<int64_t>("layout");
 }
 
+// --- BatchNorm's training pass and its gradient ---------------------------------------------
+//
+//   convnets_onednn_bn_fwd(x, scale, shift) -> (y, mean, var)            attribute: epsilon
+//   convnets_onednn_bn_bwd(x, dy, scale, mean, var) -> (dx, dscale, dshift)   epsilon
+// over the last axis of NHWC float32 x with the batch's mean and biased variance, y = (x -
+// mean) / sqrt(var + epsilon) * scale + shift (oneDNN's batch_normalization, as nnx.BatchNorm
+// computes it). Plans are cached per shape, epsilon and thread count like the convolutions'.
+
+struct NormPlan {
+  dnnl::primitive primitive;
+  memory::desc data_md, stat_md;
+  size_t scratchpad_bytes = 0;
+};
+
+// The key: pass (3 forward, 4 backward), N, H, W, C, epsilon's bits, threads.
+using NormKey = std::array<int64_t, 7>;
+
+std::map<NormKey, std::shared_ptr<const NormPlan>>& NormCache() {
+  static auto* cache = new std::map<NormKey, std::shared_ptr<const NormPlan>>();
+  return *cache;
+}
+
+std::shared_ptr<const NormPlan> GetNormPlan(bool backward, const memory::dims& dims,
+                                            float epsilon, int threads) {
+  int32_t bits;
+  std::memcpy(&bits, &epsilon, sizeof bits);
+  const NormKey key = {backward ? 4 : 3, dims[0], dims[2], dims[3], dims[1], bits, threads};
+  std::lock_guard<std::mutex> lock(g_mutex);
+  auto& cache = NormCache();
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  auto& engine = Engine();
+  const auto f32 = memory::data_type::f32;
+  const memory::desc data_md(dims, f32, tag::nhwc);
+  const auto flags = dnnl::normalization_flags::use_scale | dnnl::normalization_flags::use_shift;
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  dnnl::batch_normalization_forward::primitive_desc fwd_pd(
+      engine, dnnl::prop_kind::forward_training, data_md, data_md, epsilon, flags, attr);
+  auto plan = std::make_shared<NormPlan>();
+  plan->data_md = data_md;
+  plan->stat_md = fwd_pd.mean_desc();
+  if (backward) {
+    dnnl::batch_normalization_backward::primitive_desc bwd_pd(
+        engine, dnnl::prop_kind::backward, data_md, data_md, data_md, epsilon, flags, fwd_pd,
+        attr);
+    plan->primitive = dnnl::batch_normalization_backward(bwd_pd);
+    plan->scratchpad_bytes = bwd_pd.scratchpad_desc().get_size();
+  } else {
+    plan->primitive = dnnl::batch_normalization_forward(fwd_pd);
+    plan->scratchpad_bytes = fwd_pd.scratchpad_desc().get_size();
+  }
+  cache.emplace(key, plan);
+  return plan;
+}
+
+// Runs the forward (args: x, scale, shift, y, mean, var) or backward (x, dy, scale, mean,
+// var, dx, dscale, dshift) pass on the caller's buffers.
+ffi::Error RunNorm(bool backward, const memory::dims& dims, float epsilon,
+                   const std::vector<void*>& data) {
+  if (!(epsilon >= 0.0f)) return ffi::Error::InvalidArgument("onednn bn: epsilon must be >= 0");
+  try {
+    const int threads = SetThreads();
+    auto plan = GetNormPlan(backward, dims, epsilon, threads);
+    auto& engine = Engine();
+    dnnl::stream stream(engine);
+    char* arena = t_arena.Get(plan->scratchpad_bytes > 0 ? plan->scratchpad_bytes : 64);
+    if (arena == nullptr) throw std::bad_alloc();
+    memory scratchpad(memory::desc({static_cast<int64_t>(plan->scratchpad_bytes)},
+                                   memory::data_type::u8, tag::a),
+                      engine, arena);
+    auto data_mem = [&](int i) { return memory(plan->data_md, engine, data[i]); };
+    auto stat_mem = [&](int i) { return memory(plan->stat_md, engine, data[i]); };
+    if (backward) {
+      plan->primitive.execute(stream, {{DNNL_ARG_SRC, data_mem(0)},
+                                       {DNNL_ARG_DIFF_DST, data_mem(1)},
+                                       {DNNL_ARG_SCALE, stat_mem(2)},
+                                       {DNNL_ARG_MEAN, stat_mem(3)},
+                                       {DNNL_ARG_VARIANCE, stat_mem(4)},
+                                       {DNNL_ARG_DIFF_SRC, data_mem(5)},
+                                       {DNNL_ARG_DIFF_SCALE, stat_mem(6)},
+                                       {DNNL_ARG_DIFF_SHIFT, stat_mem(7)},
+                                       {DNNL_ARG_SCRATCHPAD, scratchpad}});
+    } else {
+      plan->primitive.execute(stream, {{DNNL_ARG_SRC, data_mem(0)},
+                                       {DNNL_ARG_SCALE, stat_mem(1)},
+                                       {DNNL_ARG_SHIFT, stat_mem(2)},
+                                       {DNNL_ARG_DST, data_mem(3)},
+                                       {DNNL_ARG_MEAN, stat_mem(4)},
+                                       {DNNL_ARG_VARIANCE, stat_mem(5)},
+                                       {DNNL_ARG_SCRATCHPAD, scratchpad}});
+    }
+    stream.wait();
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("onednn bn: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+using F32R1 = ffi::BufferR1<ffi::F32>;
+using F32R1Out = ffi::ResultBufferR1<ffi::F32>;
+
+template <typename A, typename B>
+bool SameDims(const A& a, const B& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (a[i] != b[i]) return false;
+  }
+  return true;
+}
+
+bool ChannelsMatch(int64_t c, std::initializer_list<int64_t> sizes) {
+  for (int64_t s : sizes) {
+    if (s != c) return false;
+  }
+  return true;
+}
+
+ffi::Error NormFwd(F32R4 x, F32R1 scale, F32R1 shift, F32R4Out y, F32R1Out mean, F32R1Out var,
+                   float epsilon) {
+  auto d = x.dimensions();
+  if (!SameDims(y->dimensions(), d) ||
+      !ChannelsMatch(d[3], {scale.dimensions()[0], shift.dimensions()[0],
+                            mean->dimensions()[0], var->dimensions()[0]})) {
+    return ffi::Error::InvalidArgument("onednn bn fwd: shapes do not match");
+  }
+  return RunNorm(false, {d[0], d[3], d[1], d[2]}, epsilon,
+                 {x.untyped_data(), scale.untyped_data(), shift.untyped_data(),
+                  y->untyped_data(), mean->untyped_data(), var->untyped_data()});
+}
+
+ffi::Error NormBwd(F32R4 x, F32R4 dy, F32R1 scale, F32R1 mean, F32R1 var, F32R4Out dx,
+                   F32R1Out dscale, F32R1Out dshift, float epsilon) {
+  auto d = x.dimensions();
+  if (!SameDims(dy.dimensions(), d) || !SameDims(dx->dimensions(), d) ||
+      !ChannelsMatch(d[3], {scale.dimensions()[0], mean.dimensions()[0], var.dimensions()[0],
+                            dscale->dimensions()[0], dshift->dimensions()[0]})) {
+    return ffi::Error::InvalidArgument("onednn bn bwd: shapes do not match");
+  }
+  return RunNorm(true, {d[0], d[3], d[1], d[2]}, epsilon,
+                 {x.untyped_data(), dy.untyped_data(), scale.untyped_data(), mean.untyped_data(),
+                  var.untyped_data(), dx->untyped_data(), dscale->untyped_data(),
+                  dshift->untyped_data()});
+}
+
 }  // namespace
 
 // The library is built with hidden visibility: these are its only exported symbols.
@@ -316,10 +462,32 @@ auto BindConv() {
 extern "C" EXPORT XLA_FFI_Error* convnets_onednn_conv_fwd(XLA_FFI_CallFrame*);
 extern "C" EXPORT XLA_FFI_Error* convnets_onednn_conv_dx(XLA_FFI_CallFrame*);
 extern "C" EXPORT XLA_FFI_Error* convnets_onednn_conv_dw(XLA_FFI_CallFrame*);
+extern "C" EXPORT XLA_FFI_Error* convnets_onednn_bn_fwd(XLA_FFI_CallFrame*);
+extern "C" EXPORT XLA_FFI_Error* convnets_onednn_bn_bwd(XLA_FFI_CallFrame*);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(convnets_onednn_conv_fwd, Fwd, BindConv());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(convnets_onednn_conv_dx, Dx, BindConv());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(convnets_onednn_conv_dw, Dw, BindConv());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(convnets_onednn_bn_fwd, NormFwd,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32R4>()
+                                  .Arg<F32R1>()
+                                  .Arg<F32R1>()
+                                  .Ret<F32R4>()
+                                  .Ret<F32R1>()
+                                  .Ret<F32R1>()
+                                  .Attr<float>("epsilon"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(convnets_onednn_bn_bwd, NormBwd,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32R4>()
+                                  .Arg<F32R4>()
+                                  .Arg<F32R1>()
+                                  .Arg<F32R1>()
+                                  .Arg<F32R1>()
+                                  .Ret<F32R4>()
+                                  .Ret<F32R1>()
+                                  .Ret<F32R1>()
+                                  .Attr<float>("epsilon"));
 
 extern "C" {
 

@@ -1,4 +1,5 @@
-"""2-D convolutions through oneDNN (the kernels PyTorch uses on CPU), inside jit, via XLA's FFI.
+"""2-D convolutions and BatchNorm through oneDNN (the kernels PyTorch uses on CPU), inside jit, via
+XLA's FFI.
 
 XLA:CPU computes convolutions with Eigen, at 0.10-0.96 of oneDNN's speed pass by pass
 (benchmarks/README.md); the PyPI jaxlib cannot hand them to its own oneDNN. This module calls
@@ -10,6 +11,9 @@ compiled into `models/_onednn_conv*.so` when the project is installed (setup.py)
     onednn.available()                        # the extension loaded (one log line if not)
     y = onednn.conv(x, kernel, strides, padding)   # == lax.conv_general_dilated, NHWC/HWIO
 
+`batch_norm_forward` and `batch_norm_backward` are BatchNorm's training pass and its gradient
+(`models.cpu_kernels.batch_norm` calls them for NHWC float32 inputs while `norm_usable()`).
+
 `conv` is a `jax.custom_vjp` whose forward pass, input gradient (dx) and weight gradient (dw)
 each go to oneDNN or to XLA, per pass and per shape (`choose`, from measurements of
 benchmarks/onednn_parts.py). Where the extension is missing or cannot be used (not x86-64
@@ -19,6 +23,7 @@ where the custom call would need partitioning, not float32), `conv` is the XLA c
 
 Environment:
 - CONVNETS_ONEDNN=0 (off / false / no): never use oneDNN (read when `conv` is traced).
+- CONVNETS_ONEDNN_NORM=0: BatchNorm on XLA, the convolutions still through oneDNN.
 - CONVNETS_ONEDNN_LIBRARY=path: load the extension from `path` instead of models/ (tests point
   it at nothing to exercise the fallback).
 - CONVNETS_ONEDNN_THREADS=n: OpenMP threads per oneDNN call (default: one per CPU).
@@ -58,6 +63,8 @@ TARGETS = {
     "fwd": "convnets_onednn_conv_fwd",
     "dx": "convnets_onednn_conv_dx",
     "dw": "convnets_onednn_conv_dw",
+    "bn_fwd": "convnets_onednn_bn_fwd",
+    "bn_bwd": "convnets_onednn_bn_bwd",
 }
 PASSES = ("fwd", "dx", "dw")
 
@@ -253,7 +260,8 @@ ALL_XLA = Plan()
 
 def choose(shape: Shape) -> Plan:
     """The measured choice (benchmarks/onednn_parts.py, recorded in benchmarks/README.md):
-    for each pass of `shape`, oneDNN's layout that beat XLA's convolution, or None."""
+    for each pass of `shape`, oneDNN's layout that beat XLA's convolution, or None. Every
+    shape's weight gradient goes to oneDNN (`takes_weight_grads` relies on it)."""
     if shape.kernel_h == shape.kernel_w == 1:
         # a 1x1 convolution is a matmul to XLA: its forward pass and input gradient are as
         # fast as oneDNN's; its weight gradient is 3-13x slower
@@ -274,6 +282,13 @@ def override_plan(plan: Plan | Callable[[Shape], Plan] | None) -> Iterator[None]
         yield
     finally:
         _plan_override = previous
+
+
+def takes_weight_grads(x: jax.Array) -> bool:
+    """Whether `conv` computes the weight gradient of every convolution of input `x` through
+    oneDNN (when traced now): a 4-D float32 input, `usable()`, and `choose`, which puts every
+    shape's weight gradient there (not an `override_plan`)."""
+    return x.ndim == 4 and x.dtype == jnp.float32 and _plan_override is None and usable()
 
 
 def _plan_for(shape: Shape) -> Plan:
@@ -505,6 +520,55 @@ def implementation(shape: Shape, name: str, layout: int = BLOCKED) -> str | None
         *[ctypes.c_int64(a) for a in args], buffer, ctypes.c_int64(len(buffer))
     )
     return buffer.value.decode() if status == 0 else None
+
+
+# --------------------------------------------------------------------------------------------
+# BatchNorm's training pass
+
+
+NORM_SWITCH_ENV = "CONVNETS_ONEDNN_NORM"
+
+
+def norm_usable() -> bool:
+    """Whether BatchNorm's training pass goes through oneDNN when traced now: `usable()` and
+    CONVNETS_ONEDNN_NORM not off."""
+    return not switched_off(NORM_SWITCH_ENV) and usable()
+
+
+def _norm_call(name: str, operands, results, epsilon: float):
+    if _ensure_loaded() is None:  # registers the FFI targets on first use
+        raise RuntimeError(f"oneDNN kernels are not available: {_reason}")
+    call = jax.ffi.ffi_call(TARGETS[name], results, vmap_method="sequential")
+    return call(*operands, epsilon=np.float32(epsilon))
+
+
+def batch_norm_forward(x, scale, shift, epsilon: float):
+    """BatchNorm's training pass over the last axis of float32 NHWC `x` through oneDNN: (y,
+    mean, var) with the batch's mean and biased variance (no fallback: the extension must be
+    available)."""
+    stat = jax.ShapeDtypeStruct((x.shape[-1],), jnp.float32)
+    return tuple(
+        _norm_call(
+            "bn_fwd",
+            (x, scale, shift),
+            (jax.ShapeDtypeStruct(x.shape, jnp.float32), stat, stat),
+            epsilon,
+        )
+    )
+
+
+def batch_norm_backward(x, dy, scale, mean, var, epsilon: float):
+    """The gradient of `batch_norm_forward`'s y: (dx, dscale, dshift) from dL/dy, the input
+    and the batch statistics the forward pass returned (no fallback)."""
+    stat = jax.ShapeDtypeStruct((x.shape[-1],), jnp.float32)
+    return tuple(
+        _norm_call(
+            "bn_bwd",
+            (x, dy, scale, mean, var),
+            (jax.ShapeDtypeStruct(x.shape, jnp.float32), stat, stat),
+            epsilon,
+        )
+    )
 
 
 def _reset_for_tests() -> None:

@@ -16,7 +16,7 @@ from flax import nnx
 
 import models
 from errors import UserError
-from models import cpu_kernels, layers, network
+from models import cpu_kernels, layers, network, onednn
 from models.summary import count_params, totals
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -430,8 +430,14 @@ def test_strided_conv_layer_uses_phases_and_unstrided_ones_lax(monkeypatch):
 
 
 @pytest.mark.usefixtures("kernels_on")
-def test_materialized_is_the_identity_under_jit_grad_and_vmap():
+def test_materialized_is_the_identity_under_jit_grad_and_vmap(monkeypatch):
     x = jnp.asarray(np.random.default_rng(3).normal(size=(4, 5, 5, 2)), jnp.float32)
+    if onednn.usable():  # oneDNN computes the weight gradients: nothing to keep apart
+        assert onednn.takes_weight_grads(x)
+        # fresh functions: traces are cached per function, the switch is read when tracing
+        assert "cond" not in str(jax.make_jaxpr(lambda x: cpu_kernels.materialized(x))(x))
+    monkeypatch.setenv(onednn.SWITCH_ENV, "0")  # XLA's convolutions: the conditional
+    assert "cond" in str(jax.make_jaxpr(lambda x: cpu_kernels.materialized(x))(x))
     np.testing.assert_array_equal(jax.jit(cpu_kernels.materialized)(x), x)
     np.testing.assert_array_equal(jax.vmap(cpu_kernels.materialized)(x), x)
     gradient = jax.grad(lambda x: jnp.sum(cpu_kernels.materialized(x) * x))(x)

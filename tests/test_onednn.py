@@ -1,7 +1,8 @@
-"""oneDNN convolutions through XLA's FFI (models/onednn.py, csrc/onednn_conv.cc): the three
-passes equal `lax.conv_general_dilated` and its gradients in every memory layout, `conv` under
-jit and grad with any per-pass plan, the switch, and the fallback when the extension is
-missing (the loader pointed at nothing)."""
+"""oneDNN convolutions and BatchNorm through XLA's FFI (models/onednn.py, csrc/onednn_conv.cc):
+the three passes equal `lax.conv_general_dilated` and its gradients in every memory layout,
+`conv` under jit and grad with any per-pass plan, BatchNorm's two passes equal the formula and
+its derivative, the switches, and the fallback when the extension is missing (the loader
+pointed at nothing)."""
 
 import os
 import platform
@@ -240,6 +241,74 @@ def test_implementation_names(extension):
         assert impl and "ref" not in impl.split()[0], (name, impl)
 
 
+# BatchNorm inputs (N, H, W, C): odd sizes, 1 and 3 channels, more channels than a SIMD lane
+NORM_SHAPES = [(2, 3, 5, 1), (3, 7, 6, 3), (4, 8, 8, 16), (2, 5, 9, 17), (16, 4, 4, 64)]
+
+
+def _reference_norm(x, scale, shift, epsilon=1e-5):
+    """BatchNorm's training pass as its formula, for autodiff: y with the batch's statistics."""
+    mean = jnp.mean(x, (0, 1, 2))
+    var = jnp.mean(jnp.square(x - mean), (0, 1, 2))
+    return (x - mean) / jnp.sqrt(var + epsilon) * scale + shift, mean, var
+
+
+def _norm_case(shape, seed=0):
+    c = shape[-1]
+    x = _array(shape, seed) * 3.0 + 2.0  # not centred: the mean matters
+    scale = jnp.asarray(np.random.default_rng(seed + 1).uniform(0.5, 1.5, c), jnp.float32)
+    return x, scale, _array((c,), seed + 2), _array(shape, seed + 3)
+
+
+@pytest.mark.parametrize("shape", NORM_SHAPES, ids=["x".join(map(str, s)) for s in NORM_SHAPES])
+def test_batch_norm_passes_equal_the_formula(extension, shape):
+    x, scale, shift, dy = _norm_case(shape)
+    (y, mean, var), vjp = jax.vjp(lambda *a: _reference_norm(*a), x, scale, shift)
+    grads = vjp((dy, jnp.zeros_like(mean), jnp.zeros_like(var)))  # mean, var: no gradient
+    ours = jax.jit(lambda x, s, b: onednn.batch_norm_forward(x, s, b, 1e-5))(x, scale, shift)
+    for a, b in zip(ours, (y, mean, var), strict=True):
+        assert a.shape == b.shape
+        _close(a, b, 1e-4)
+    backward = jax.jit(lambda *a: onednn.batch_norm_backward(*a, 1e-5))
+    for a, b in zip(backward(x, dy, scale, ours[1], ours[2]), grads, strict=True):
+        assert a.shape == b.shape
+        _close(a, b, 1e-4)
+
+
+def test_layer_batch_norm_goes_through_onednn_unless_switched_off(extension, monkeypatch):
+    """`cpu_kernels.batch_norm` (what the BatchNorm layers call while training) takes oneDNN's
+    two passes for NHWC inputs, under jit and grad, with the formula's values; with
+    CONVNETS_ONEDNN_NORM=0 it is XLA's again while the convolutions stay on oneDNN, and 2-D
+    inputs always are."""
+    from models import cpu_kernels
+
+    x, scale, shift, dy = _norm_case((4, 6, 5, 8), seed=5)
+
+    def loss(norm, x, scale, shift):
+        y, _, _ = norm(x, scale, shift)
+        return jnp.vdot(jax.nn.relu(y), dy)
+
+    def layer_norm(x, s, b):
+        return cpu_kernels.batch_norm(x, s, b, 1e-5)
+
+    expected = jax.value_and_grad(lambda *a: loss(_reference_norm, *a), (0, 1, 2))(
+        x, scale, shift
+    )
+    fn = jax.value_and_grad(lambda *a: loss(layer_norm, *a), (0, 1, 2))
+    text = lambda *args: str(jax.make_jaxpr(lambda *a: fn(*a))(*args))
+    with cpu_kernels.override(True):
+        assert onednn.TARGETS["bn_fwd"] in text(x, scale, shift)
+        assert onednn.TARGETS["bn_bwd"] in text(x, scale, shift)
+        for a, b in zip(jax.tree.leaves(jax.jit(fn)(x, scale, shift)), jax.tree.leaves(expected)):
+            _close(a, b, 1e-4)
+        flat = (x.reshape(-1, 8), scale, shift)
+        assert "bn_fwd" not in str(jax.make_jaxpr(lambda *a: layer_norm(*a))(*flat))
+        monkeypatch.setenv(onednn.NORM_SWITCH_ENV, "0")
+        assert onednn.usable() and not onednn.norm_usable()
+        assert "convnets_onednn_bn" not in text(x, scale, shift)
+        for a, b in zip(jax.tree.leaves(jax.jit(fn)(x, scale, shift)), jax.tree.leaves(expected)):
+            _close(a, b, 1e-4)
+
+
 def test_missing_extension_falls_back(monkeypatch):
     """The loader pointed at nothing: available() is False with a reason, and conv is XLA's,
     same values and gradients."""
@@ -256,6 +325,7 @@ def test_missing_extension_falls_back(monkeypatch):
         expected = _xla_passes(x, kernel, dy, strides, padding)
         for a, b in zip((y, *vjp(dy)), expected, strict=True):
             _close(a, b)
+        assert not onednn.norm_usable() and not onednn.takes_weight_grads(x)
     finally:
         monkeypatch.delenv(onednn.LIBRARY_ENV)
         onednn._reset_for_tests()
