@@ -3,12 +3,18 @@
     python -m detection train --config=configs/detection.py:pooled_max --workdir=runs/det
     python -m detection train --config=configs/detection.py:pooled_max,builtin,rcnn ...
     python -m detection eval --workdir=runs/det --checkpoint=best
+    python -m detection eval --workdir=runs/det --split=validation --validation_scenes=200 \
+        --nms_iou=0.4          # a test-time setting tried on held-out scenes
 
 `train` writes the workdir as train.py does (config.json, summary, metrics.jsonl,
 TensorBoard, checkpoints/, best/, results.json) and resumes from its latest checkpoint when
 rerun. `eval` reads the run read-only and writes WORKDIR/eval/<checkpoint>/eval.json (COCO
-AP, AP50, AP75, per-class AP, VOC 2007 11-point mAP, test images/s). The work is done by
-`detection.train`; this program only parses the flags.
+AP, AP50, AP75, per-class AP, VOC 2007 11-point mAP, test images/s). Test-time settings can
+differ from the run's: `--nms_iou`, and `--validation_scenes` to evaluate on held-out scenes
+(training items, their own seed) of a run trained without them; such an evaluation, or one of
+another split, goes to eval_<split>[_nms<IoU>].json beside it, so eval.json (what the
+experiment's report reads) stays the run's own. The work is done by `detection.train`; this
+program only parses the flags.
 """
 
 from training import runtime
@@ -31,6 +37,10 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string("workdir", None, "The run's folder.")
 flags.DEFINE_string("checkpoint", "best", "eval: best, latest or a step number.")
 flags.DEFINE_string("split", "test", "eval: test or validation (detection.validation_scenes).")
+flags.DEFINE_float("nms_iou", None, "eval: the NMS IoU threshold instead of the run's.")
+flags.DEFINE_integer(
+    "validation_scenes", None, "eval: the held-out validation scenes instead of the run's."
+)
 
 COMMANDS = ("train", "eval")
 SUMMARY = ("ap", "ap50", "ap75", "voc07_map", "images_per_s")
@@ -60,6 +70,14 @@ def _eval() -> dict:
 
     workdir = Path(flags.FLAGS.workdir).expanduser()
     config = run_lib.read_config(workdir)
+    name, f = "eval", flags.FLAGS
+    if f.split != "test":
+        name += f"_{f.split}"
+    if f.validation_scenes is not None:
+        config.detection.validation_scenes = f.validation_scenes
+    if f.nms_iou is not None:
+        config.detection.nms_iou = f.nms_iou
+        name += f"_nms{f.nms_iou:g}"
     which = run_lib.parse_checkpoint(flags.FLAGS.checkpoint)
     checkpoints = ckpt_lib.Checkpoints(
         workdir, keep=config.training.keep_checkpoints, read_only=True
@@ -76,10 +94,11 @@ def _eval() -> dict:
         "step": run.step,
         "split": flags.FLAGS.split,
         "checkpoint": flags.FLAGS.checkpoint,
+        "nms_iou": config.detection.nms_iou,
         "commit": runtime.git_commit(),
         **result,
     }
-    (out / "eval.json").write_text(json.dumps(record, indent=2))
+    (out / f"{name}.json").write_text(json.dumps(record, indent=2))
     return {"step": run.step, **{k: result[k] for k in SUMMARY}}
 
 

@@ -117,6 +117,15 @@ def test_small_variant_runs_and_reports_end_to_end(tmp_path):
     again = json.loads((fast / "eval" / "latest" / "eval.json").read_text())
     assert again["step"] == 20 and again["proposals_per_image"] <= 100
     assert again["flops_per_image"] == results["fast_rcnn"]["test_flops_per_image"]
+    # a test-time setting tried on held-out scenes the run was trained without: its own file
+    subprocess.run(
+        [sys.executable, "-m", "detection", "eval", f"--workdir={fast}", "--checkpoint=latest",
+         "--split=validation", "--validation_scenes=3", "--nms_iou=0.6"],
+        cwd=ROOT, check=True, capture_output=True,
+    )  # fmt: skip
+    tried = json.loads((fast / "eval" / "latest" / "eval_validation_nms0.6.json").read_text())
+    assert (tried["split"], tried["images"], tried["nms_iou"]) == ("validation", 3, 0.6)
+    assert json.loads((fast / "eval" / "latest" / "eval.json").read_text()) == again
     table = experiment_lib.write_report(experiment, output, "detection:small")
     ratio = again["images_per_s"] / results["rcnn"]["test_images_per_s"]
     assert f"**{ratio:.1f}x**" in table and "fast_rcnn seed 0 (" in table
