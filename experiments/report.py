@@ -124,8 +124,9 @@ def _interval(values: list[float], scale: float = 100.0) -> str:
 
 
 def comparison(rows: list[dict]) -> str:
-    """Returns the report's comparison of the rows' test accuracies: the ranking, where rows
-    whose 95 % intervals overlap share a rank (tied), and each ordered pair."""
+    """Returns the report's comparison of the rows' test accuracies: the ranking (a row's rank:
+    one more than the rows whose 95 % interval lies entirely above its own), and each ordered
+    pair."""
     summaries = {
         row["name"]: stats.summarize([s["results"]["test_accuracy"] for s in row["seeds"]])
         for row in rows
@@ -134,7 +135,8 @@ def comparison(rows: list[dict]) -> str:
     pairs = sorted(stats.order(summaries))
     ordered = "; ".join(f"{a} > {b}" for a, b in pairs) or "none: every pair is tied"
     return (
-        f"**Ranking by test accuracy** (rows whose 95 % intervals overlap share a rank): {ranks}."
+        f"**Ranking by test accuracy** (a row's rank is one more than the number of rows whose "
+        f"95 % interval lies entirely above its own): {ranks}."
         f"\n\nPairs told apart (intervals disjoint): {ordered}."
     )
 

@@ -85,14 +85,14 @@ def order(summaries: Mapping[str, Summary]) -> set[tuple[str, str]]:
 
 
 def ranking(summaries: Mapping[str, Summary]) -> list[tuple[int, str]]:
-    """Returns (rank, name) by decreasing mean; a row shares the rank of the row above it
-    when their intervals overlap (rank 1 is the best)."""
+    """Returns (rank, name) by decreasing mean, where a row's rank is one more than the number
+    of rows whose interval lies entirely above its own (rank 1 is the best). Rows share a rank
+    when the same number of rows are told apart above them; two rows told apart from each
+    other never do. (Not chained: a row tied with the row above it that is tied with a third
+    still ranks below that third when their intervals are disjoint.)"""
+    above = order(summaries)
     names = sorted(summaries, key=lambda n: -summaries[n].mean)
-    out = []
-    for i, name in enumerate(names):
-        tied = i and summaries[names[i - 1]].overlaps(summaries[name])
-        out.append((out[-1][0] if tied else i + 1, name))
-    return out
+    return [(1 + sum((other, name) in above for other in names), name) for name in names]
 
 
 def consistent(first: set[tuple[str, str]], second: set[tuple[str, str]]) -> bool:

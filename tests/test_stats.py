@@ -41,6 +41,17 @@ def test_rows_are_ordered_only_when_their_intervals_are_disjoint():
     assert not stats.consistent(stats.order(rows), {("b", "a")})
 
 
+def test_ranking_does_not_chain_ties():
+    """x overlaps y, y overlaps z, x lies above z: z ranks below x, y shares x's rank."""
+    rows = {
+        "z": stats.summarize([0.80, 0.81, 0.82]),
+        "x": stats.summarize([0.900, 0.905, 0.910]),
+        "y": stats.summarize([0.80, 0.86, 0.92]),
+    }
+    assert stats.order(rows) == {("x", "z")}
+    assert stats.ranking(rows) == [(1, "x"), (1, "y"), (2, "z")]
+
+
 def test_difference_against_the_seed_spread():
     close = stats.difference([0.90, 0.92, 0.94], [0.91, 0.93, 0.95])
     assert not close["beyond_spread"] and close["intervals_overlap"]
