@@ -31,7 +31,9 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -381,27 +383,23 @@ ffi::Error RunNorm(bool backward, const memory::dims& dims, float epsilon,
     memory scratchpad(memory::desc({static_cast<int64_t>(plan->scratchpad_bytes)},
                                    memory::data_type::u8, tag::a),
                       engine, arena);
-    auto data_mem = [&](int i) { return memory(plan->data_md, engine, data[i]); };
-    auto stat_mem = [&](int i) { return memory(plan->stat_md, engine, data[i]); };
-    if (backward) {
-      plan->primitive.execute(stream, {{DNNL_ARG_SRC, data_mem(0)},
-                                       {DNNL_ARG_DIFF_DST, data_mem(1)},
-                                       {DNNL_ARG_SCALE, stat_mem(2)},
-                                       {DNNL_ARG_MEAN, stat_mem(3)},
-                                       {DNNL_ARG_VARIANCE, stat_mem(4)},
-                                       {DNNL_ARG_DIFF_SRC, data_mem(5)},
-                                       {DNNL_ARG_DIFF_SCALE, stat_mem(6)},
-                                       {DNNL_ARG_DIFF_SHIFT, stat_mem(7)},
-                                       {DNNL_ARG_SCRATCHPAD, scratchpad}});
-    } else {
-      plan->primitive.execute(stream, {{DNNL_ARG_SRC, data_mem(0)},
-                                       {DNNL_ARG_SCALE, stat_mem(1)},
-                                       {DNNL_ARG_SHIFT, stat_mem(2)},
-                                       {DNNL_ARG_DST, data_mem(3)},
-                                       {DNNL_ARG_MEAN, stat_mem(4)},
-                                       {DNNL_ARG_VARIANCE, stat_mem(5)},
-                                       {DNNL_ARG_SCRATCHPAD, scratchpad}});
+    // the caller's buffers in order, each a oneDNN argument of the data's or the statistics'
+    // shape
+    static const std::vector<std::pair<int, bool>> kForward = {
+        {DNNL_ARG_SRC, true},   {DNNL_ARG_SCALE, false}, {DNNL_ARG_SHIFT, false},
+        {DNNL_ARG_DST, true},   {DNNL_ARG_MEAN, false},  {DNNL_ARG_VARIANCE, false}};
+    static const std::vector<std::pair<int, bool>> kBackward = {
+        {DNNL_ARG_SRC, true},         {DNNL_ARG_DIFF_DST, true},    {DNNL_ARG_SCALE, false},
+        {DNNL_ARG_MEAN, false},       {DNNL_ARG_VARIANCE, false},   {DNNL_ARG_DIFF_SRC, true},
+        {DNNL_ARG_DIFF_SCALE, false}, {DNNL_ARG_DIFF_SHIFT, false}};
+    const auto& args = backward ? kBackward : kForward;
+    if (args.size() != data.size()) throw std::invalid_argument("wrong number of buffers");
+    std::unordered_map<int, memory> bound = {{DNNL_ARG_SCRATCHPAD, scratchpad}};
+    for (size_t i = 0; i < args.size(); ++i) {
+      const auto& md = args[i].second ? plan->data_md : plan->stat_md;
+      bound.emplace(args[i].first, memory(md, engine, data[i]));
     }
+    plan->primitive.execute(stream, bound);
     stream.wait();
   } catch (const std::exception& e) {
     return ffi::Error::Internal(std::string("onednn bn: ") + e.what());
