@@ -146,6 +146,7 @@ def dense(
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=KERNEL_INIT,
+        dot_general=cpu_kernels.dot_general,  # lax's unless on CPU
         rngs=rngs,
     )
 

@@ -774,3 +774,44 @@ def test_unknown_preset_and_field():
     cfg.widht = 3
     with pytest.raises(UserError, match="model.widht: not a field of the 'convnet' model"):
         models.architecture(cfg, CIFAR, 10)
+
+
+@pytest.mark.usefixtures("kernels_on")
+def test_dense_weight_gradient_as_outer_products_equals_lax():
+    """A dense layer with a wide input and few outputs (the plain ConvNet's head) gets its
+    weight gradient as a sum of outer products: the same values and gradients as lax's dot,
+    under jit; other shapes, bfloat16 and the switch off keep lax's dot."""
+    rng = np.random.default_rng(9)
+    k_in = cpu_kernels.OUTER_MIN_IN + 3
+
+    def grads(layer, x, dy):
+        graphdef, params = nnx.split(layer)
+        loss = lambda params, x: jnp.vdot(nnx.merge(graphdef, params)(x), dy)
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+
+    def program(layer, x) -> str:
+        graphdef, params = nnx.split(layer)
+        return str(jax.make_jaxpr(lambda p, x: nnx.merge(graphdef, p)(x))(params, x))
+
+    def pair(k_in, n_out, dtype=jnp.float32):
+        x = jnp.asarray(rng.normal(size=(6, k_in)), jnp.float32)
+        dy = jnp.asarray(rng.normal(size=(6, n_out)), jnp.float32)
+        layer = layers.dense(k_in, n_out, use_bias=True, dtype=dtype, rngs=_rngs())
+        return layer, x, dy
+
+    layer, x, dy = pair(k_in, 10)
+    assert "custom_vjp_call" in program(layer, x)
+    got = grads(layer, x, dy)
+    with cpu_kernels.override(False):
+        assert "custom_vjp_call" not in program(layer, x)
+        want = grads(layer, x, dy)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert float(jnp.abs(w).max()) > 1e-3
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    for k, n, dtype in (
+        (cpu_kernels.OUTER_MIN_IN - 1, 10, jnp.float32),  # too few inputs
+        (k_in, cpu_kernels.OUTER_MAX_OUT + 1, jnp.float32),  # too many outputs
+        (k_in, 10, jnp.bfloat16),
+    ):
+        layer, x, _ = pair(k, n, dtype)
+        assert "custom_vjp_call" not in program(layer, x), (k, n, dtype)
