@@ -10,10 +10,11 @@
 TensorBoard, checkpoints/, best/, results.json) and resumes from its latest checkpoint when
 rerun. `eval` reads the run read-only and writes WORKDIR/eval/<checkpoint>/eval.json (COCO
 AP, AP50, AP75, per-class AP, VOC 2007 11-point mAP, test images/s). Test-time settings can
-differ from the run's: `--nms_iou`, and `--validation_scenes` to evaluate on held-out scenes
-(training items, their own seed) of a run trained without them; such an evaluation, or one of
-another split, goes to eval_<split>[_nms<IoU>].json beside it, so eval.json (what the
-experiment's report reads) stays the run's own. The work is done by `detection.train`; this
+differ from the run's: `--nms_iou`, `--proposal_mode`, `--test_proposals`, and
+`--validation_scenes` to evaluate on held-out scenes (training items, their own seed) of a run
+trained without them; such an evaluation, or one of another split, goes to
+eval_<split>[_nms<IoU>][_<mode>][_p<N>].json beside it, so eval.json (what the experiment's
+report reads) stays the run's own. The work is done by `detection.train`; this
 program only parses the flags.
 """
 
@@ -40,6 +41,15 @@ flags.DEFINE_string("split", "test", "eval: test or validation (detection.valida
 flags.DEFINE_float("nms_iou", None, "eval: the NMS IoU threshold instead of the run's.")
 flags.DEFINE_integer(
     "validation_scenes", None, "eval: the held-out validation scenes instead of the run's."
+)
+flags.DEFINE_enum(
+    "proposal_mode", None, ["fast", "quality"], "eval: selective search's mode instead of the run's."
+)
+flags.DEFINE_integer(
+    "test_proposals",
+    None,
+    "eval: the proposals scored per image instead of the run's (the per-image cap "
+    "detection.max_proposals rises to it).",
 )
 
 COMMANDS = ("train", "eval")
@@ -78,6 +88,13 @@ def _eval() -> dict:
     if f.nms_iou is not None:
         config.detection.nms_iou = f.nms_iou
         name += f"_nms{f.nms_iou:g}"
+    if f.proposal_mode is not None:
+        config.detection.proposal_mode = f.proposal_mode
+        name += f"_{f.proposal_mode}"
+    if f.test_proposals is not None:
+        config.detection.test_proposals = f.test_proposals
+        config.detection.max_proposals = max(config.detection.max_proposals, f.test_proposals)
+        name += f"_p{f.test_proposals}"
     which = run_lib.parse_checkpoint(flags.FLAGS.checkpoint)
     checkpoints = ckpt_lib.Checkpoints(
         workdir, keep=config.training.keep_checkpoints, read_only=True
@@ -94,7 +111,7 @@ def _eval() -> dict:
         "step": run.step,
         "split": flags.FLAGS.split,
         "checkpoint": flags.FLAGS.checkpoint,
-        "nms_iou": config.detection.nms_iou,
+        **{k: config.detection[k] for k in ("nms_iou", "proposal_mode", "test_proposals")},
         "commit": runtime.git_commit(),
         **result,
     }

@@ -120,11 +120,15 @@ def test_small_variant_runs_and_reports_end_to_end(tmp_path):
     # a test-time setting tried on held-out scenes the run was trained without: its own file
     subprocess.run(
         [sys.executable, "-m", "detection", "eval", f"--workdir={fast}", "--checkpoint=latest",
-         "--split=validation", "--validation_scenes=3", "--nms_iou=0.6"],
+         "--split=validation", "--validation_scenes=3", "--nms_iou=0.6",
+         "--proposal_mode=quality", "--test_proposals=120"],
         cwd=ROOT, check=True, capture_output=True,
     )  # fmt: skip
-    tried = json.loads((fast / "eval" / "latest" / "eval_validation_nms0.6.json").read_text())
+    tried = (fast / "eval" / "latest" / "eval_validation_nms0.6_quality_p120.json").read_text()
+    tried = json.loads(tried)
     assert (tried["split"], tried["images"], tried["nms_iou"]) == ("validation", 3, 0.6)
+    assert (tried["proposal_mode"], tried["test_proposals"]) == ("quality", 120)
+    assert again["proposals_per_image"] < tried["proposals_per_image"] <= 120  # quality: more
     assert json.loads((fast / "eval" / "latest" / "eval.json").read_text()) == again
     table = experiment_lib.write_report(experiment, output, "detection:small")
     ratio = again["images_per_s"] / results["rcnn"]["test_images_per_s"]
