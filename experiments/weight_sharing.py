@@ -19,7 +19,7 @@ QUESTION = (
 # are given the same --runs folder.
 PRESETS = {"plain": "plain", "plain_local": "plain_local", "mlp": "mlp"}
 # The families experiment's converged protocols, every row at the plain ConvNet's budget
-# (the slowest of its family to plateau): on the built-in data 16x16 without clutter, 2,400
+# (the slowest of its family to plateau): on the built-in data 16x16 without clutter, 3,600
 # steps of batch 64; on Fashion-MNIST 15 epochs.
 PLAIN_STEPS = families.SMALL_STEPS["plain"]
 BUDGETS = {
