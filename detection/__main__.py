@@ -43,7 +43,10 @@ flags.DEFINE_integer(
     "validation_scenes", None, "eval: the held-out validation scenes instead of the run's."
 )
 flags.DEFINE_enum(
-    "proposal_mode", None, ["fast", "quality"], "eval: selective search's mode instead of the run's."
+    "proposal_mode",
+    None,
+    ["fast", "quality"],
+    "eval: selective search's mode instead of the run's.",
 )
 flags.DEFINE_integer(
     "test_proposals",

@@ -85,14 +85,14 @@ def order(summaries: Mapping[str, Summary]) -> set[tuple[str, str]]:
 
 
 def ranking(summaries: Mapping[str, Summary]) -> list[tuple[int, str]]:
-    """Returns (rank, name) by decreasing mean, where a row's rank is one more than the number
-    of rows whose interval lies entirely above its own (rank 1 is the best). Rows share a rank
-    when the same number of rows are told apart above them; two rows told apart from each
-    other never do. (Not chained: a row tied with the row above it that is tied with a third
-    still ranks below that third when their intervals are disjoint.)"""
+    """Returns (rank, name) by rank, then decreasing mean, where a row's rank is one more than
+    the number of rows whose interval lies entirely above its own (rank 1 is the best). Rows
+    share a rank when the same number of rows are told apart above them; two rows told apart
+    from each other never do. (Not chained: a row tied with the row above it that is tied with
+    a third still ranks below that third when their intervals are disjoint.)"""
     above = order(summaries)
-    names = sorted(summaries, key=lambda n: -summaries[n].mean)
-    return [(1 + sum((other, name) in above for other in names), name) for name in names]
+    ranked = [(1 + sum((other, name) in above for other in summaries), name) for name in summaries]
+    return sorted(ranked, key=lambda r: (r[0], -summaries[r[1]].mean))
 
 
 def consistent(first: set[tuple[str, str]], second: set[tuple[str, str]]) -> bool:

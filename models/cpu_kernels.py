@@ -41,8 +41,8 @@ benchmarks/README.md ("Layer changes"), two CPU threads:
   dot x^T dy, which runs such a tall, thin product at ~10 GFLOP/s: [128, 32768] x [128, 10]
   9.1 -> 2.3 ms on two threads, 16.6 -> 3.9 ms on one.
 
-The conv, pooling, BatchNorm and dense rewrites are `jax.custom_vjp`s: reverse mode (grad, vjp) only.
-Forward-mode autodiff (`jax.jvp`, `jax.jacfwd`) through a strided conv, a pooling layer or a
+The conv, pooling, BatchNorm and dense rewrites are `jax.custom_vjp`s: reverse mode (grad, vjp)
+only. Forward-mode autodiff (`jax.jvp`, `jax.jacfwd`) through a strided conv, a pooling layer or a
 training-mode BatchNorm raises while the switch is on; turn it off for that.
 
 The switch: on by default on the CPU backend, off on every other backend (where a conditional

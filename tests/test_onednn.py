@@ -274,6 +274,11 @@ def test_batch_norm_passes_equal_the_formula(extension, shape):
         _close(a, b, 1e-4)
 
 
+def _close_trees(actual, expected, tol=1e-4):
+    for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+        _close(a, b, tol)
+
+
 def test_layer_batch_norm_goes_through_onednn_unless_switched_off(extension, monkeypatch):
     """`cpu_kernels.batch_norm` (what the BatchNorm layers call while training) takes oneDNN's
     two passes for NHWC inputs, under jit and grad, with the formula's values; with
@@ -290,23 +295,19 @@ def test_layer_batch_norm_goes_through_onednn_unless_switched_off(extension, mon
     def layer_norm(x, s, b):
         return cpu_kernels.batch_norm(x, s, b, 1e-5)
 
-    expected = jax.value_and_grad(lambda *a: loss(_reference_norm, *a), (0, 1, 2))(
-        x, scale, shift
-    )
+    expected = jax.value_and_grad(lambda *a: loss(_reference_norm, *a), (0, 1, 2))(x, scale, shift)
     fn = jax.value_and_grad(lambda *a: loss(layer_norm, *a), (0, 1, 2))
     text = lambda *args: str(jax.make_jaxpr(lambda *a: fn(*a))(*args))
     with cpu_kernels.override(True):
         assert onednn.TARGETS["bn_fwd"] in text(x, scale, shift)
         assert onednn.TARGETS["bn_bwd"] in text(x, scale, shift)
-        for a, b in zip(jax.tree.leaves(jax.jit(fn)(x, scale, shift)), jax.tree.leaves(expected)):
-            _close(a, b, 1e-4)
+        _close_trees(jax.jit(fn)(x, scale, shift), expected)
         flat = (x.reshape(-1, 8), scale, shift)
         assert "bn_fwd" not in str(jax.make_jaxpr(lambda *a: layer_norm(*a))(*flat))
         monkeypatch.setenv(onednn.NORM_SWITCH_ENV, "0")
         assert onednn.usable() and not onednn.norm_usable()
         assert "convnets_onednn_bn" not in text(x, scale, shift)
-        for a, b in zip(jax.tree.leaves(jax.jit(fn)(x, scale, shift)), jax.tree.leaves(expected)):
-            _close(a, b, 1e-4)
+        _close_trees(jax.jit(fn)(x, scale, shift), expected)
 
 
 def test_missing_extension_falls_back(monkeypatch):

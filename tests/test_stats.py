@@ -50,6 +50,10 @@ def test_ranking_does_not_chain_ties():
     }
     assert stats.order(rows) == {("x", "z")}
     assert stats.ranking(rows) == [(1, "x"), (1, "y"), (2, "z")]
+    # a wide interval above nothing ranks first even below a told-apart row's mean; listed
+    # by rank, then mean
+    rows["w"] = stats.summarize([0.60, 0.80, 0.98])  # mean 0.793, below z's 0.81
+    assert stats.ranking(rows) == [(1, "x"), (1, "y"), (1, "w"), (2, "z")]
 
 
 def test_difference_against_the_seed_spread():
