@@ -39,7 +39,7 @@ CPU_ALLCNN = {
         "model.dropout": 0.0,
     }
 }
-# small (make run, about 9 minutes on a 2-core CPU for 3 seeds of the four families): the
+# small (make run, about 8 minutes on a 2-core CPU for 3 seeds of the four families): the
 # built-in data at 16x16 without background clutter (objects still anywhere in the image),
 # batch 64, AdamW 2e-3 with a cosine to zero, ten evaluations, and each family the steps it
 # needs to plateau (SMALL_STEPS). Measured at 1,200 steps for all (seeds 0-2, 2-core CPU, 8
