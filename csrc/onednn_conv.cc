@@ -453,6 +453,17 @@ ffi::Error NormBwd(F32R4 x, F32R4 dy, F32R1 scale, F32R1 mean, F32R1 var, F32R4O
                   dshift->untyped_data()});
 }
 
+// Both BatchNorm handlers return a tensor of the data's shape and two of the channels' (y,
+// mean, var forward; dx, dscale, dshift backward) and take epsilon.
+template <typename Binding>
+auto BindNormResults(Binding binding) {
+  return std::move(binding)
+      .template Ret<F32R4>()
+      .template Ret<F32R1>()
+      .template Ret<F32R1>()
+      .template Attr<float>("epsilon");
+}
+
 }  // namespace
 
 // The library is built with hidden visibility: these are its only exported symbols.
@@ -466,26 +477,13 @@ extern "C" EXPORT XLA_FFI_Error* convnets_onednn_bn_bwd(XLA_FFI_CallFrame*);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(convnets_onednn_conv_fwd, Fwd, BindConv());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(convnets_onednn_conv_dx, Dx, BindConv());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(convnets_onednn_conv_dw, Dw, BindConv());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(convnets_onednn_bn_fwd, NormFwd,
-                              ffi::Ffi::Bind()
-                                  .Arg<F32R4>()
-                                  .Arg<F32R1>()
-                                  .Arg<F32R1>()
-                                  .Ret<F32R4>()
-                                  .Ret<F32R1>()
-                                  .Ret<F32R1>()
-                                  .Attr<float>("epsilon"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(convnets_onednn_bn_bwd, NormBwd,
-                              ffi::Ffi::Bind()
-                                  .Arg<F32R4>()
-                                  .Arg<F32R4>()
-                                  .Arg<F32R1>()
-                                  .Arg<F32R1>()
-                                  .Arg<F32R1>()
-                                  .Ret<F32R4>()
-                                  .Ret<F32R1>()
-                                  .Ret<F32R1>()
-                                  .Attr<float>("epsilon"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    convnets_onednn_bn_fwd, NormFwd,
+    BindNormResults(ffi::Ffi::Bind().Arg<F32R4>().Arg<F32R1>().Arg<F32R1>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    convnets_onednn_bn_bwd, NormBwd,
+    BindNormResults(
+        ffi::Ffi::Bind().Arg<F32R4>().Arg<F32R4>().Arg<F32R1>().Arg<F32R1>().Arg<F32R1>()));
 
 extern "C" {
 
