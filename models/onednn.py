@@ -535,40 +535,28 @@ def norm_usable() -> bool:
     return not switched_off(NORM_SWITCH_ENV) and usable()
 
 
-def _norm_call(name: str, operands, results, epsilon: float):
+def _norm_pass(name: str, x, operands, epsilon: float):
+    """Calls the BatchNorm handler `name` (both return an array of x's shape and two of its
+    channels')."""
     if _ensure_loaded() is None:  # registers the FFI targets on first use
         raise RuntimeError(f"oneDNN kernels are not available: {_reason}")
+    stat = jax.ShapeDtypeStruct((x.shape[-1],), jnp.float32)
+    results = (jax.ShapeDtypeStruct(x.shape, jnp.float32), stat, stat)
     call = jax.ffi.ffi_call(TARGETS[name], results, vmap_method="sequential")
-    return call(*operands, epsilon=np.float32(epsilon))
+    return tuple(call(*operands, epsilon=np.float32(epsilon)))
 
 
 def batch_norm_forward(x, scale, shift, epsilon: float):
     """BatchNorm's training pass over the last axis of float32 NHWC `x` through oneDNN: (y,
     mean, var) with the batch's mean and biased variance (no fallback: the extension must be
     available)."""
-    stat = jax.ShapeDtypeStruct((x.shape[-1],), jnp.float32)
-    return tuple(
-        _norm_call(
-            "bn_fwd",
-            (x, scale, shift),
-            (jax.ShapeDtypeStruct(x.shape, jnp.float32), stat, stat),
-            epsilon,
-        )
-    )
+    return _norm_pass("bn_fwd", x, (x, scale, shift), epsilon)
 
 
 def batch_norm_backward(x, dy, scale, mean, var, epsilon: float):
     """The gradient of `batch_norm_forward`'s y: (dx, dscale, dshift) from dL/dy, the input
     and the batch statistics the forward pass returned (no fallback)."""
-    stat = jax.ShapeDtypeStruct((x.shape[-1],), jnp.float32)
-    return tuple(
-        _norm_call(
-            "bn_bwd",
-            (x, dy, scale, mean, var),
-            (jax.ShapeDtypeStruct(x.shape, jnp.float32), stat, stat),
-            epsilon,
-        )
-    )
+    return _norm_pass("bn_bwd", x, (x, dy, scale, mean, var), epsilon)
 
 
 def _reset_for_tests() -> None:
