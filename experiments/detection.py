@@ -1,16 +1,17 @@
 """detection: R-CNN against Fast R-CNN on the same scenes, proposals, network and budget.
 
     python -m experiments.detection run detection:small           # built-in scenes, CPU minutes
-    python -m experiments.detection run detection:fashion_mnist   # Fashion-MNIST scenes (GPU)
+    python -m experiments.detection run detection:fashion_mnist   # Fashion-MNIST scenes (CPU hours)
     python -m experiments.detection report detection:small        # from finished runs
     [--output=DIR] [--runs=DIR] [--seeds=0,1] [--only=rcnn]       # default runs/NAME_VARIANT
     [--jobs=auto|N]            # runs side by side on the CPU cores, as `python -m experiments`
 
 Both methods train the `pooled_max` preset on the same scenes. On Fashion-MNIST scenes both
-start from the same classifier, as the papers start from ImageNet classifiers: the families
-experiment's `pooled_max` run of the same seed (trained on the Fashion-MNIST items at 28 x 28),
-found in (or first trained into) the runs folder, `--runs` (default: the output folder), so
-`--runs=runs/fashion_mnist` reuses the families runs. On the built-in scenes they start from
+start from the same classifier, as the papers start from ImageNet classifiers: the recipe
+experiment's `no_batchnorm` run of the same seed (the pooled ConvNet without BatchNorm, trained
+on the Fashion-MNIST items at 28 x 28; `BACKBONES` says why not families' `pooled_max`), found
+in (or first trained into) the runs folder, `--runs` (default: the output folder), so
+`--runs=runs/fashion_mnist` reuses the classification runs. On the built-in scenes they start from
 random weights (families:small's classifiers see 16-pixel images without clutter). Both use
 the same selective-search proposals, optimizer,
 number of steps and 128 RoIs per step, 25 % of them foreground (R-CNN's 32 + 96, Fast R-CNN's
