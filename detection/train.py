@@ -603,7 +603,14 @@ def _build(config, specs, workdir, restore, train) -> Run:
 def detections_of(probs: np.ndarray, boxes: np.ndarray, valid: np.ndarray, d) -> tuple:
     """One image's detections (boxes [n, 4], scores [n], classes [n]) from its RoIs' class
     probabilities [P, K + 1] and boxes [P, K, 4]: the (RoI, class) pairs scoring at least
-    `d.score_threshold`, greedy NMS per class at `d.nms_iou`, the best `d.max_detections`."""
+    `d.score_threshold`, greedy NMS per class at `d.nms_iou`, the best `d.max_detections`.
+    UserError when a proposal's scores or boxes are not finite (they would drop out of the
+    thresholds unseen and leave a wrong AP)."""
+    if not (np.isfinite(probs[valid]).all() and np.isfinite(boxes[valid]).all()):
+        raise UserError(
+            "the detector's class scores or boxes are not finite (its weights have diverged); "
+            "evaluate an earlier checkpoint or train again with a lower learning rate"
+        )
     scores = probs[:, 1:] * valid[:, None]
     roi_index, classes = np.nonzero(scores >= max(d.score_threshold, 1e-12))
     found = scores[roi_index, classes]
@@ -644,7 +651,10 @@ def evaluate(run: Run, state, split: str) -> dict:
         if svms is not None:
             probs = svm_lib.class_probabilities(probs, svms)
         for i in range(real):
-            detections.append(detections_of(probs[i], boxes[i], valid[first + i], d))
+            try:
+                detections.append(detections_of(probs[i], boxes[i], valid[first + i], d))
+            except UserError as e:
+                raise UserError(f"{split} image {first + i}: {e}") from None
     seconds = time.perf_counter() - start
     truth = [data_split.objects(i) for i in range(len(data_split))]
     size = data_split.images.shape[1:3]

@@ -85,6 +85,23 @@ def test_voc_ap_on_a_case_computed_by_hand():
         evaluate.voc_ap([(np.zeros((0, 4)), np.zeros(0))], [perfect[0]], ("a",))
 
 
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # the empty RoI's target
+def test_a_regression_target_that_is_not_finite_is_one_error_naming_the_scene():
+    """An empty RoI labelled foreground (possible only with foreground_iou = 0, which the config
+    refuses) has an infinite box-regression target: label_pool stops naming the scene and the
+    RoI instead of training on it."""
+    data = scenes.builtin_scenes(2, seed=0, image_size=64)
+    empty = np.array([[10.0, 10.0, 10.0, 30.0]], np.float32)  # zero width
+    proposals = [np.zeros((0, 4), np.float32), empty]
+    std = (0.1, 0.1, 0.2, 0.2)
+    with pytest.raises(
+        UserError, match=r"training scene 1: .*\[10.0, 10.0, 10.0, 30.0\].*not finite"
+    ):
+        regions.label_pool(data, proposals, fg_iou=0.0, target_std=std)
+    pool = regions.label_pool(data, proposals, fg_iou=0.5, target_std=std)  # as background
+    assert pool.labels[1][0] == 0 and np.isfinite(pool.targets[1]).all()
+
+
 def test_roi_batches_are_deterministic_with_the_sampled_fractions():
     data = scenes.builtin_scenes(6, seed=0, image_size=64)
     rng = np.random.default_rng(0)
@@ -218,3 +235,108 @@ def test_backbone_starts_from_a_classification_run(workdir):
     other = _config(**{"model.widths": (16, 32, 64)})
     with pytest.raises(UserError, match="another model.*widths"):
         det_train.with_pretrained_backbone(fresh, str(workdir), other, specs, mesh)
+
+
+def _detection_cli(*args, **popen):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.Popen(
+        [sys.executable, "-m", "detection", "train", *args],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+
+
+@pytest.mark.slow
+def test_training_killed_or_stopped_resumes_to_the_uninterrupted_result(tmp_path):
+    """`python -m detection train` killed (SIGKILL, at a random moment after its first
+    metrics) and stopped (SIGTERM: the checkpoint saved, exit 143, one line saying to rerun),
+    then rerun each time, ends with the uninterrupted run's AP figures and evaluations."""
+    import random
+    import signal
+    import time
+
+    args = [
+        "--config=configs/detection.py:pooled_max",
+        "--config.detection.train_scenes=16",
+        "--config.detection.test_scenes=6",
+        "--config.detection.proposal_upscale=1.0",
+        f"--config.detection.proposal_cache={tmp_path / 'proposals'}",
+        "--config.detection.test_proposals=100",
+        "--config.training.num_steps=24",
+        "--config.training.eval_every_steps=12",
+        "--config.training.checkpoint_every_steps=3",
+        "--config.training.log_every_steps=3",
+        "--config.training.progress=none",
+        "--config.schedule.warmup_steps=2",
+    ]
+
+    def finish(workdir) -> str:
+        proc = _detection_cli(*args, f"--workdir={workdir}")
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-2000:]
+        return err
+
+    def start_and_wait(workdir):
+        """Starts a run and returns it once it has written a new metrics line."""
+        metrics = workdir / "metrics.jsonl"
+        before = len(metrics.read_text()) if metrics.exists() else 0
+        proc = _detection_cli(*args, f"--workdir={workdir}")
+        deadline = time.time() + 300
+        while (
+            time.time() < deadline
+            and proc.poll() is None
+            and not (metrics.exists() and len(metrics.read_text()) > before)
+        ):
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        return proc
+
+    finish(tmp_path / "ref")
+    workdir = tmp_path / "interrupted"
+    proc = start_and_wait(workdir)
+    time.sleep(random.Random(0).uniform(0.0, 0.2))
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL  # it was still training
+    proc = start_and_wait(workdir)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "rerun the same command to resume" in err and "Traceback" not in err, err[-2000:]
+    assert "resuming from the checkpoint of step" in finish(workdir)  # not from scratch
+
+    def outcome(workdir):
+        results = json.loads((workdir / "results.json").read_text())
+        lines = (workdir / "metrics.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+        evaluations = [
+            {k: r[k] for k in ("step", "split", "ap", "ap50")}
+            for r in records
+            if r["split"] != "train"
+        ]
+        figures = {k: results[k] for k in ("steps", "ap", "ap50", "ap75", "voc07_map")}
+        return figures, results["final"]["test"]["per_class_ap"], evaluations
+
+    assert outcome(workdir) == outcome(tmp_path / "ref")
+
+
+def test_scores_that_are_not_finite_stop_the_evaluation_instead_of_scoring_zero():
+    """A diverged detector's NaN scores would fail every score threshold and leave AP 0
+    without a word: detections_of stops with one line; NaN in padding slots is ignored."""
+    d = _config().detection
+    probs = np.full((3, 11), 1 / 11, np.float32)
+    boxes = np.tile(np.array([10, 10, 40, 40], np.float32), (3, 10, 1))
+    valid = np.array([True, True, False])
+    probs[2], boxes[2] = np.nan, np.nan  # padding
+    assert len(det_train.detections_of(probs, boxes, valid, d)[0]) > 0
+    for array in (probs, boxes):
+        array[1] = np.nan
+        with pytest.raises(UserError, match="not finite.*earlier checkpoint"):
+            det_train.detections_of(probs, boxes, valid, d)
+        array[1] = 1 / 11 if array is probs else 10.0
