@@ -1,0 +1,86 @@
+"""The README's training and evaluation commands, run as the README writes them.
+
+Each command is read from README.md itself (so a changed flag there is tested), its workdir
+moved under the test's folder, and the runs shrunk by overrides appended after the README's
+own (absl takes a flag's last value): a small built-in dataset and a few steps.
+"""
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHRINK = [
+    "--config.dataset.builtin_train_size=256",
+    "--config.dataset.builtin_test_size=64",
+    "--config.training.batch_size=32",
+    "--config.training.eval_batch_size=64",
+    "--config.training.num_steps=4",
+    "--config.training.eval_every_steps=4",
+    "--config.training.checkpoint_every_steps=4",
+    "--config.schedule.warmup_steps=1",
+    "--config.training.progress=none",
+]
+
+
+def readme_commands() -> list[list[str]]:
+    """Every command of README.md's bash blocks as argv (continuation lines joined, comments
+    cut), `.venv/bin/python` as this interpreter."""
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    commands = []
+    for block in blocks:
+        for line in block.replace("\\\n", " ").splitlines():
+            argv = shlex.split(line, comments=True)
+            if argv:
+                commands.append([sys.executable if a == ".venv/bin/python" else a for a in argv])
+    return commands
+
+
+def the_command(*words: str) -> list[str]:
+    """The README's one command that contains all of `words` (as arguments)."""
+    found = [argv for argv in readme_commands() if all(w in argv for w in words)]
+    assert len(found) == 1, f"README.md: {len(found)} commands with {words}"
+    return found[0]
+
+
+def run(argv: list[str], workdirs: dict[str, Path]) -> subprocess.CompletedProcess:
+    """Runs `argv` from the project root with each README workdir replaced as `workdirs` says."""
+    argv = [re.sub(r"^--workdir=(.*)$", lambda m: f"--workdir={workdirs[m[1]]}", a) for a in argv]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (argv, done.stderr[-3000:])
+    return done
+
+
+def test_readme_commands_are_read():
+    commands = readme_commands()
+    assert ["make", "run"] in commands and ["make", "test"] in commands
+    l2 = the_command("train.py", "--config=configs/builtin.py:pooled_l2")
+    assert "--config.training.num_steps=1000" in l2  # the continuation line joined
+
+
+@pytest.mark.slow
+def test_training_one_model_and_evaluating_it(tmp_path):
+    """README "Training one model" and "Evaluating": both train.py commands, the summary, then
+    eval.py on the ResNet-20 run (the best checkpoint; the opt-in measures, --update)."""
+    workdirs = {"runs/r20": tmp_path / "r20", "runs/l2": tmp_path / "l2"}
+    run([*the_command("train.py", "--config=configs/builtin.py:resnet20"), *SHRINK], workdirs)
+    run([*the_command("train.py", "--config=configs/builtin.py:pooled_l2"), *SHRINK], workdirs)
+    for name in ("r20", "l2"):
+        results = json.loads((tmp_path / name / "results.json").read_text())
+        assert results["steps"] == 4
+    config = json.loads((tmp_path / "l2" / "config.json").read_text())
+    assert config["optimizer"]["learning_rate"] == 0.02  # the README's own override
+    summary = run(the_command("-m", "models", "--config=configs/cifar10.py:allcnn_c"), {})
+    assert "conv9" in summary.stdout and "trained params: 1,369,738" in summary.stdout
+
+    run(the_command("eval.py", "--checkpoint=best"), workdirs)
+    measures = json.loads((tmp_path / "r20" / "eval" / "best" / "eval.json").read_text())
+    assert "accuracy" in measures and "probes" not in measures
+    run(the_command("eval.py", "--measures=probes,top_patches", "--update"), workdirs)
+    updated = json.loads((tmp_path / "r20" / "eval" / "latest" / "eval.json").read_text())
+    assert "probes" in updated and "top_patches" in updated
