@@ -73,8 +73,11 @@ def test_no_detections_and_bad_input():
     nan = [(np.array([[np.nan, 0, 1, 1]]), np.array([0.5]), np.array([0]))]
     with pytest.raises(UserError, match="NaN"):
         evaluate.coco_ap(truth[:1], nan, NAMES, image_size=SIZE)
-    with pytest.raises(UserError, match="outside"):
+    with pytest.raises(UserError, match=r"classes span \[2, 2\], outside \[0, 2\)"):
         evaluate.coco_ap(truth[:1], [(np.zeros((1, 4)), np.ones(1), np.array([2]))], NAMES,
+                         image_size=SIZE)  # fmt: skip
+    with pytest.raises(UserError, match=r"ground truth of image 0: boxes\[0\].*outside"):
+        evaluate.coco_ap([(np.array([[50, 50, 120, 90]]), np.array([0]))], empty[:1], NAMES,
                          image_size=SIZE)  # fmt: skip
     with pytest.raises(UserError, match="no ground-truth"):
         evaluate.coco_ap(truth[2:], empty[:1], NAMES, image_size=SIZE)
