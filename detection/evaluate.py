@@ -165,9 +165,28 @@ def voc_ap(
     `iou_threshold` (the most-overlapping one), else a false positive. AP = the mean over
     recall levels t = 0, 0.1, ..., 1 of the highest precision at recall >= t (0 if none).
     No 'difficult' objects here (the scenes have none); IoU in the continuous convention.
+    UserError with one line for the bad input `coco_ap` refuses (empty or non-finite boxes,
+    classes outside `class_names`, lists of different lengths); no image size, so no check
+    that the boxes lie inside the image.
     """
     if len(truth) != len(detections):
         raise UserError(f"{len(detections)} detection lists for {len(truth)} images")
+    for i, ((gt_boxes, gt_classes), (boxes, scores, classes)) in enumerate(
+        zip(truth, detections, strict=True)
+    ):
+        n = len(box_ops.check_boxes(gt_boxes, height=np.inf, width=np.inf,
+                                    what=f"ground truth of image {i}: boxes"))  # fmt: skip
+        if n != np.asarray(gt_classes).size:
+            raise UserError(f"image {i}: {n} boxes, {np.asarray(gt_classes).size} classes")
+        _check_classes(np.asarray(gt_classes).reshape(-1), len(class_names),
+                       f"ground truth of image {i}")  # fmt: skip
+        boxes, scores = np.asarray(boxes, np.float32), np.asarray(scores, np.float32)
+        if not (boxes.size == 4 * scores.size == 4 * np.asarray(classes).size):
+            raise UserError(f"detections of image {i}: boxes, scores and classes differ in number")
+        if not (np.isfinite(boxes).all() and np.isfinite(scores).all()):
+            raise UserError(f"detections of image {i}: NaN or infinite boxes or scores")
+        _check_classes(np.asarray(classes).reshape(-1), len(class_names),
+                       f"detections of image {i}")  # fmt: skip
     per_class = {}
     for c, name in enumerate(class_names):
         gt = [np.asarray(b, np.float32).reshape(-1, 4)[np.asarray(k) == c] for b, k in truth]
