@@ -72,6 +72,10 @@ def test_bad_input_and_a_blank_image():
     blank = np.zeros((32, 32, 3), np.uint8)
     got = proposals.selective_search(blank)
     assert got.shape[1] == 4 and len(got) >= 1  # at worst the whole image
+    # nothing left after the size filter (every box is narrower than 40 px in a 32 px image):
+    # the whole image is the one proposal, not an empty list
+    whole = proposals.selective_search(blank, proposals.Settings(min_size=40.0))
+    np.testing.assert_array_equal(whole, [[0, 0, 32, 32]])
     with pytest.raises(UserError, match="uint8 image"):
         proposals.selective_search(np.zeros((32, 32, 3), np.float32))
     with pytest.raises(UserError, match="proposal mode"):
