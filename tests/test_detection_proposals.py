@@ -63,6 +63,16 @@ def test_cache_hits_settings_and_corrupt_files(scene_set, tmp_path):
     cache.path(image).write_bytes(capped.path(image).read_bytes())
     np.testing.assert_array_equal(cache.get(image), first)
     assert cache.stats["recomputed"] == 2
+    # the real file cut short (a disk filled mid-write), and a real file whose boxes lie
+    # outside the image (proposals of another image's size): recomputed, not used
+    whole = cache.path(image).read_bytes()
+    cache.path(image).write_bytes(whole[: len(whole) // 2])
+    np.testing.assert_array_equal(cache.get(image), first)
+    outside = first.copy()
+    outside[0, 2] = image.shape[1] + 10
+    np.savez(cache.path(image), boxes=outside, settings=np.array(cache.settings.key()))
+    np.testing.assert_array_equal(cache.get(image), first)
+    assert cache.stats["recomputed"] == 4
     # quality mode differs and gives more boxes on this scene
     quality = proposals.selective_search(image, proposals.Settings(mode="quality"))
     assert len(quality) > len(first)
