@@ -155,7 +155,12 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
             if target not in _registered:
                 jax.ffi.register_ffi_target(target, capsule, platform="cpu")
                 _registered.add(target)
-    except (OSError, AttributeError) as e:
+    except AttributeError as e:  # it loads, but a handler of this version is missing
+        return None, (
+            f"{path} lacks this version's handlers ({e}): it was built from an older "
+            "csrc/onednn_conv.cc; rebuild it with `pip install -e .`"
+        )
+    except OSError as e:
         return None, f"cannot load {path} with {runtime}: {e}"
     finally:
         if set_policy:

@@ -332,6 +332,24 @@ def test_missing_extension_falls_back(monkeypatch):
         onednn._reset_for_tests()
 
 
+def test_an_extension_from_older_sources_falls_back_saying_to_rebuild(monkeypatch):
+    """The loader pointed at a real library without this version's handlers (as a worktree
+    whose extension was built before a handler was added): the fallback, and the reason says
+    to rebuild."""
+    runtime = onednn._runtime_library()
+    assert runtime is not None
+    monkeypatch.setenv(onednn.LIBRARY_ENV, str(runtime))  # loads, but has no convnets_* symbol
+    onednn._reset_for_tests()
+    try:
+        assert not onednn.available() and not onednn.usable()
+        reason = onednn.unavailable_reason()
+        assert "convnets_onednn_conv_fwd" in reason and "older" in reason, reason
+        assert "pip install -e ." in reason
+    finally:
+        monkeypatch.delenv(onednn.LIBRARY_ENV)
+        onednn._reset_for_tests()
+
+
 def test_missing_extension_in_a_fresh_process():
     """A process whose loader finds nothing logs one line and computes XLA's values."""
     code = (
