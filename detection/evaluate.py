@@ -40,8 +40,9 @@ def _check_classes(classes: np.ndarray, num_classes: int, what: str) -> None:
                         f"[0, {num_classes})")  # fmt: skip
 
 
-def _coco_truth(i: int, image_truth: Truth, image_size, num_classes: int, so_far) -> list:
-    """COCO annotations of image `i`'s ground truth (ids continue from `so_far`)."""
+def _checked_truth(i: int, image_truth: Truth, image_size, num_classes: int) -> tuple:
+    """Image `i`'s ground truth (boxes float32 [k, 4], classes int64 [k]), checked: UserError
+    with one line for a bad box, a class outside [0, num_classes) or mismatched lengths."""
     height, width = image_size
     gt_boxes, gt_classes = image_truth
     gt_boxes = box_ops.check_boxes(
@@ -51,6 +52,31 @@ def _coco_truth(i: int, image_truth: Truth, image_size, num_classes: int, so_far
     if len(gt_classes) != len(gt_boxes):
         raise UserError(f"image {i}: {len(gt_boxes)} boxes, {len(gt_classes)} classes")
     _check_classes(gt_classes, num_classes, f"ground truth of image {i}")
+    return gt_boxes, gt_classes
+
+
+def _checked_detections(i: int, image_detections: Detections, num_classes: int) -> tuple:
+    """Image `i`'s detections (boxes float32 [d, 4], scores float32 [d], classes int64 [d]),
+    checked: UserError with one line for mismatched lengths, NaN or infinite boxes or scores,
+    a class outside [0, num_classes)."""
+    boxes, scores, classes = image_detections
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    scores = np.asarray(scores, np.float32).reshape(-1)
+    classes = np.asarray(classes, np.int64).reshape(-1)
+    if not len(boxes) == len(scores) == len(classes):
+        raise UserError(
+            f"detections of image {i}: {len(boxes)} boxes, {len(scores)} scores, "
+            f"{len(classes)} classes"
+        )
+    if not (np.isfinite(boxes).all() and np.isfinite(scores).all()):
+        raise UserError(f"detections of image {i}: NaN or infinite boxes or scores")
+    _check_classes(classes, num_classes, f"detections of image {i}")
+    return boxes, scores, classes
+
+
+def _coco_truth(i: int, image_truth: Truth, image_size, num_classes: int, so_far) -> list:
+    """COCO annotations of image `i`'s ground truth (ids continue from `so_far`)."""
+    gt_boxes, gt_classes = _checked_truth(i, image_truth, image_size, num_classes)
     return [
         {
             "id": len(so_far) + k + 1,
@@ -67,18 +93,7 @@ def _coco_truth(i: int, image_truth: Truth, image_size, num_classes: int, so_far
 def _coco_detections(i: int, image_detections: Detections, image_size, num_classes) -> list:
     """COCO results of image `i`'s detections, boxes clipped to the image."""
     height, width = image_size
-    boxes, scores, classes = image_detections
-    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-    scores = np.asarray(scores, np.float32).reshape(-1)
-    classes = np.asarray(classes, np.int64).reshape(-1)
-    if not len(boxes) == len(scores) == len(classes):
-        raise UserError(
-            f"detections of image {i}: {len(boxes)} boxes, {len(scores)} scores, "
-            f"{len(classes)} classes"
-        )
-    if not (np.isfinite(boxes).all() and np.isfinite(scores).all()):
-        raise UserError(f"detections of image {i}: NaN or infinite boxes or scores")
-    _check_classes(classes, num_classes, f"detections of image {i}")
+    boxes, scores, classes = _checked_detections(i, image_detections, num_classes)
     xywh = _xywh(box_ops.clip(boxes, height, width))
     return [
         {"image_id": i + 1, "category_id": int(c) + 1, "bbox": [float(v) for v in box],
@@ -155,6 +170,7 @@ def voc_ap(
     detections: Sequence[Detections],
     class_names: Sequence[str],
     *,
+    image_size: tuple[int, int],
     iou_threshold: float = 0.5,
 ) -> dict:
     """Returns {'map': the mean over classes with ground truth, 'per_class': {name: AP}}: the
@@ -165,28 +181,14 @@ def voc_ap(
     `iou_threshold` (the most-overlapping one), else a false positive. AP = the mean over
     recall levels t = 0, 0.1, ..., 1 of the highest precision at recall >= t (0 if none).
     No 'difficult' objects here (the scenes have none); IoU in the continuous convention.
-    UserError with one line for the bad input `coco_ap` refuses (empty or non-finite boxes,
-    classes outside `class_names`, lists of different lengths); no image size, so no check
-    that the boxes lie inside the image.
+    UserError with one line for the bad input `coco_ap` refuses (images of `image_size`,
+    height and width).
     """
     if len(truth) != len(detections):
         raise UserError(f"{len(detections)} detection lists for {len(truth)} images")
-    for i, ((gt_boxes, gt_classes), (boxes, scores, classes)) in enumerate(
-        zip(truth, detections, strict=True)
-    ):
-        n = len(box_ops.check_boxes(gt_boxes, height=np.inf, width=np.inf,
-                                    what=f"ground truth of image {i}: boxes"))  # fmt: skip
-        if n != np.asarray(gt_classes).size:
-            raise UserError(f"image {i}: {n} boxes, {np.asarray(gt_classes).size} classes")
-        _check_classes(np.asarray(gt_classes).reshape(-1), len(class_names),
-                       f"ground truth of image {i}")  # fmt: skip
-        boxes, scores = np.asarray(boxes, np.float32), np.asarray(scores, np.float32)
-        if not (boxes.size == 4 * scores.size == 4 * np.asarray(classes).size):
-            raise UserError(f"detections of image {i}: boxes, scores and classes differ in number")
-        if not (np.isfinite(boxes).all() and np.isfinite(scores).all()):
-            raise UserError(f"detections of image {i}: NaN or infinite boxes or scores")
-        _check_classes(np.asarray(classes).reshape(-1), len(class_names),
-                       f"detections of image {i}")  # fmt: skip
+    n = len(class_names)
+    truth = [_checked_truth(i, t, image_size, n) for i, t in enumerate(truth)]
+    detections = [_checked_detections(i, d, n) for i, d in enumerate(detections)]
     per_class = {}
     for c, name in enumerate(class_names):
         gt = [np.asarray(b, np.float32).reshape(-1, 4)[np.asarray(k) == c] for b, k in truth]

@@ -653,15 +653,15 @@ def evaluate(run: Run, state, split: str) -> dict:
         for i in range(real):
             try:
                 detections.append(detections_of(probs[i], boxes[i], valid[first + i], d))
-            except UserError as e:
-                raise UserError(f"{split} image {first + i}: {e}") from None
+            except UserError as err:
+                raise UserError(f"{split} image {first + i}: {err}") from None
     seconds = time.perf_counter() - start
     truth = [data_split.objects(i) for i in range(len(data_split))]
     size = data_split.images.shape[1:3]
     coco = evaluate_lib.coco_ap(
         truth, detections, run.class_names, image_size=size, max_detections=d.max_detections
     )
-    voc = evaluate_lib.voc_ap(truth, detections, run.class_names)
+    voc = evaluate_lib.voc_ap(truth, detections, run.class_names, image_size=size)
     scored = float(valid.sum(1).mean())
     return {
         "ap": coco["ap"],

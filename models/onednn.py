@@ -150,17 +150,18 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     try:
         ctypes.CDLL(str(runtime), mode=ctypes.RTLD_GLOBAL)
         library = ctypes.CDLL(str(path))
+        missing = [t for t in TARGETS.values() if not hasattr(library, t)]
+        if missing:  # it loads, but a handler of this version is not in it
+            return None, (
+                f"{path} lacks this version's handlers ({', '.join(missing)}): it was built "
+                "from an older csrc/onednn_conv.cc; rebuild it with `pip install -e .`"
+            )
         for target in TARGETS.values():
             capsule = jax.ffi.pycapsule(getattr(library, target))
             if target not in _registered:
                 jax.ffi.register_ffi_target(target, capsule, platform="cpu")
                 _registered.add(target)
-    except AttributeError as e:  # it loads, but a handler of this version is missing
-        return None, (
-            f"{path} lacks this version's handlers ({e}): it was built from an older "
-            "csrc/onednn_conv.cc; rebuild it with `pip install -e .`"
-        )
-    except OSError as e:
+    except (OSError, AttributeError) as e:
         return None, f"cannot load {path} with {runtime}: {e}"
     finally:
         if set_policy:

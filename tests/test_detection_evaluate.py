@@ -84,10 +84,15 @@ def test_no_detections_and_bad_input():
     # the VOC AP refuses the same input, not scoring it in silence
     one = [(np.array([[10.0, 10, 30, 30]]), np.array([0.9]), np.array([0]))]
     with pytest.raises(UserError, match=r"ground truth of image 0: boxes\[0\].*empty"):
-        evaluate.voc_ap([(np.array([[5, 5, 1, 9]]), np.array([0]))], one, NAMES)
+        evaluate.voc_ap([(np.array([[5, 5, 1, 9]]), np.array([0]))], one, NAMES, image_size=SIZE)
     with pytest.raises(UserError, match="NaN"):
-        evaluate.voc_ap(truth[:1], nan, NAMES)
+        evaluate.voc_ap(truth[:1], nan, NAMES, image_size=SIZE)
     with pytest.raises(UserError, match=r"detections of image 0: classes span \[2, 2\]"):
-        evaluate.voc_ap(truth[:1], [(np.zeros((1, 4)), np.ones(1), np.array([2]))], NAMES)
-    with pytest.raises(UserError, match="differ in number"):
-        evaluate.voc_ap(truth[:1], [(np.zeros((2, 4)), np.ones(1), np.array([0]))], NAMES)
+        evaluate.voc_ap(truth[:1], [(np.zeros((1, 4)), np.ones(1), np.array([2]))], NAMES,
+                        image_size=SIZE)  # fmt: skip
+    with pytest.raises(UserError, match="2 boxes, 1 scores, 1 classes"):
+        evaluate.voc_ap(truth[:1], [(np.zeros((2, 4)), np.ones(1), np.array([0]))], NAMES,
+                        image_size=SIZE)  # fmt: skip
+    with pytest.raises(UserError, match=r"boxes\[0\].*outside the 100x100 image"):
+        evaluate.voc_ap([(np.array([[50, 50, 120, 90]]), np.array([0]))], one, NAMES,
+                        image_size=SIZE)  # fmt: skip

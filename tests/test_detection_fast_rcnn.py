@@ -75,14 +75,16 @@ def test_voc_ap_on_a_case_computed_by_hand():
     # ranked: hit, miss, hit -> precision 1, 1/2, 2/3 at recall 1/2, 1/2, 1
     found = np.array([[0, 0, 10, 10], [50, 50, 60, 60], [20, 20, 30, 31]])
     detections = [(found, np.array([0.9, 0.8, 0.7]), np.array([0, 0, 0]))]
-    result = evaluate.voc_ap(truth, detections, ("a", "b"))
+    result = evaluate.voc_ap(truth, detections, ("a", "b"), image_size=(64, 64))
     want = (6 * 1.0 + 5 * (2 / 3)) / 11  # t = 0..0.5: max precision 1; t = 0.6..1: 2/3
     assert result["per_class"] == {"a": pytest.approx(want)}
     assert result["map"] == pytest.approx(want)
     perfect = [(truth[0][0], np.ones(2), truth[0][1])]
-    assert evaluate.voc_ap(truth, perfect, ("a",))["map"] == pytest.approx(1.0)
+    assert evaluate.voc_ap(truth, perfect, ("a",), image_size=(64, 64))["map"] == pytest.approx(1.0)
     with pytest.raises(UserError, match="no ground-truth"):
-        evaluate.voc_ap([(np.zeros((0, 4)), np.zeros(0))], [perfect[0]], ("a",))
+        evaluate.voc_ap(
+            [(np.zeros((0, 4)), np.zeros(0))], [perfect[0]], ("a",), image_size=(64, 64)
+        )
 
 
 @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # the empty RoI's target
@@ -237,22 +239,6 @@ def test_backbone_starts_from_a_classification_run(workdir):
         det_train.with_pretrained_backbone(fresh, str(workdir), other, specs, mesh)
 
 
-def _detection_cli(*args, **popen):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    return subprocess.Popen(
-        [sys.executable, "-m", "detection", "train", *args],
-        cwd=root,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **popen,
-    )
-
-
 @pytest.mark.slow
 def test_training_killed_or_stopped_resumes_to_the_uninterrupted_result(tmp_path):
     """`python -m detection train` killed (SIGKILL, at a random moment after its first
@@ -260,9 +246,16 @@ def test_training_killed_or_stopped_resumes_to_the_uninterrupted_result(tmp_path
     then rerun each time, ends with the uninterrupted run's AP figures and evaluations."""
     import random
     import signal
+    import subprocess
+    import sys
     import time
+    from pathlib import Path
 
     args = [
+        sys.executable,
+        "-m",
+        "detection",
+        "train",
         "--config=configs/detection.py:pooled_max",
         "--config.detection.train_scenes=16",
         "--config.detection.test_scenes=6",
@@ -276,38 +269,56 @@ def test_training_killed_or_stopped_resumes_to_the_uninterrupted_result(tmp_path
         "--config.training.progress=none",
         "--config.schedule.warmup_steps=2",
     ]
+    root = Path(__file__).resolve().parent.parent
+    logs = iter(range(100))
+
+    def start(workdir) -> tuple[subprocess.Popen, Path]:
+        """A run of `args` in `workdir`, its stderr in a file (a pipe nobody reads could fill)."""
+        log = tmp_path / f"run{next(logs)}.log"
+        with open(log, "w") as err:
+            proc = subprocess.Popen(
+                [*args, f"--workdir={workdir}"], cwd=root, stdout=subprocess.DEVNULL, stderr=err
+            )
+        return proc, log
 
     def finish(workdir) -> str:
-        proc = _detection_cli(*args, f"--workdir={workdir}")
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-2000:]
-        return err
+        proc, log = start(workdir)
+        try:
+            code = proc.wait(timeout=600)
+        finally:
+            proc.kill()
+        assert code == 0, log.read_text()[-2000:]
+        return log.read_text()
 
-    def start_and_wait(workdir):
+    def start_and_wait(workdir) -> tuple[subprocess.Popen, Path]:
         """Starts a run and returns it once it has written a new metrics line."""
         metrics = workdir / "metrics.jsonl"
         before = len(metrics.read_text()) if metrics.exists() else 0
-        proc = _detection_cli(*args, f"--workdir={workdir}")
-        deadline = time.time() + 300
-        while (
-            time.time() < deadline
-            and proc.poll() is None
-            and not (metrics.exists() and len(metrics.read_text()) > before)
-        ):
+        proc, log = start(workdir)
+        deadline = time.time() + 600
+        grown = False
+        while time.time() < deadline and proc.poll() is None and not grown:
+            grown = metrics.exists() and len(metrics.read_text()) > before
             time.sleep(0.02)
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        return proc
+        if not grown or proc.poll() is not None:
+            proc.kill()
+        assert grown and proc.poll() is None, log.read_text()[-2000:]
+        return proc, log
 
     finish(tmp_path / "ref")
     workdir = tmp_path / "interrupted"
-    proc = start_and_wait(workdir)
+    proc, _ = start_and_wait(workdir)
     time.sleep(random.Random(0).uniform(0.0, 0.2))
     proc.kill()
     assert proc.wait() == -signal.SIGKILL  # it was still training
-    proc = start_and_wait(workdir)
+    proc, log = start_and_wait(workdir)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-2000:]
+    try:
+        code = proc.wait(timeout=300)
+    finally:
+        proc.kill()
+    err = log.read_text()
+    assert code == 143, err[-2000:]
     assert "rerun the same command to resume" in err and "Traceback" not in err, err[-2000:]
     assert "resuming from the checkpoint of step" in finish(workdir)  # not from scratch
 
@@ -336,7 +347,8 @@ def test_scores_that_are_not_finite_stop_the_evaluation_instead_of_scoring_zero(
     probs[2], boxes[2] = np.nan, np.nan  # padding
     assert len(det_train.detections_of(probs, boxes, valid, d)[0]) > 0
     for array in (probs, boxes):
+        kept = array[1].copy()
         array[1] = np.nan
         with pytest.raises(UserError, match="not finite.*earlier checkpoint"):
             det_train.detections_of(probs, boxes, valid, d)
-        array[1] = 1 / 11 if array is probs else 10.0
+        array[1] = kept

@@ -307,7 +307,9 @@ def test_a_scene_without_objects_trains_as_background_and_is_evaluated(tmp_path)
     detections = [(b, np.full(len(b), 0.5), c) for b, c in truth]  # every object found
     # ... and a car on the scene without objects, scored above them: a false positive
     detections[2] = (np.array([[1, 1, 30, 30]]), np.array([0.9]), np.array([6]))
-    voc_ap = evaluate_lib.voc_ap(truth, detections, data.class_names)
+    voc_ap = evaluate_lib.voc_ap(
+        truth, detections, data.class_names, image_size=data.images.shape[1:3]
+    )
     assert voc_ap["per_class"]["dog"] == 1.0
     assert voc_ap["per_class"]["car"] == pytest.approx(0.5)
     coco = evaluate_lib.coco_ap(truth, detections, data.class_names, image_size=(S, S))

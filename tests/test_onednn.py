@@ -337,7 +337,8 @@ def test_an_extension_from_older_sources_falls_back_saying_to_rebuild(monkeypatc
     whose extension was built before a handler was added): the fallback, and the reason says
     to rebuild."""
     runtime = onednn._runtime_library()
-    assert runtime is not None
+    if runtime is None:
+        pytest.skip(f"no {onednn.RUNTIME_LIBRARY} to point the loader at")
     monkeypatch.setenv(onednn.LIBRARY_ENV, str(runtime))  # loads, but has no convnets_* symbol
     onednn._reset_for_tests()
     try:
