@@ -191,15 +191,14 @@ def voc_ap(
     detections = [_checked_detections(i, d, n) for i, d in enumerate(detections)]
     per_class = {}
     for c, name in enumerate(class_names):
-        gt = [np.asarray(b, np.float32).reshape(-1, 4)[np.asarray(k) == c] for b, k in truth]
+        gt = [boxes[classes == c] for boxes, classes in truth]  # checked arrays, above
         total = sum(len(g) for g in gt)
         if not total:
             continue
         found = [
-            (float(s), i, np.asarray(b, np.float32).reshape(-1, 4)[j])
-            for i, (b, scores, classes) in enumerate(detections)
-            for j, s in enumerate(np.asarray(scores).reshape(-1))
-            if np.asarray(classes).reshape(-1)[j] == c
+            (float(scores[j]), i, boxes[j])
+            for i, (boxes, scores, classes) in enumerate(detections)
+            for j in np.flatnonzero(classes == c)
         ]
         found.sort(key=lambda item: -item[0])
         used = [np.zeros(len(g), bool) for g in gt]
