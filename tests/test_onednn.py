@@ -4,6 +4,7 @@ the three passes equal `lax.conv_general_dilated` and its gradients in every mem
 its derivative, the switches, and the fallback when the extension is missing (the loader
 pointed at nothing)."""
 
+import contextlib
 import os
 import platform
 import shutil
@@ -310,12 +311,23 @@ def test_layer_batch_norm_goes_through_onednn_unless_switched_off(extension, mon
         _close_trees(jax.jit(fn)(x, scale, shift), expected)
 
 
+@contextlib.contextmanager
+def _loader_pointed_at(monkeypatch, path):
+    """The extension loader pointed at `path` ($CONVNETS_ONEDNN_LIBRARY) and loading afresh;
+    afterwards back at the built extension."""
+    monkeypatch.setenv(onednn.LIBRARY_ENV, str(path))
+    onednn._reset_for_tests()
+    try:
+        yield
+    finally:
+        monkeypatch.delenv(onednn.LIBRARY_ENV)
+        onednn._reset_for_tests()
+
+
 def test_missing_extension_falls_back(monkeypatch):
     """The loader pointed at nothing: available() is False with a reason, and conv is XLA's,
     same values and gradients."""
-    monkeypatch.setenv(onednn.LIBRARY_ENV, str(ROOT / "no_such_dir" / "_onednn_conv.so"))
-    onednn._reset_for_tests()
-    try:
+    with _loader_pointed_at(monkeypatch, ROOT / "no_such_dir" / "_onednn_conv.so"):
         assert not onednn.available()
         assert "no_such_dir" in onednn.unavailable_reason()
         assert not onednn.usable()
@@ -327,9 +339,6 @@ def test_missing_extension_falls_back(monkeypatch):
         for a, b in zip((y, *vjp(dy)), expected, strict=True):
             _close(a, b)
         assert not onednn.norm_usable() and not onednn.takes_weight_grads(x)
-    finally:
-        monkeypatch.delenv(onednn.LIBRARY_ENV)
-        onednn._reset_for_tests()
 
 
 def test_an_extension_from_older_sources_falls_back_saying_to_rebuild(monkeypatch):
@@ -339,16 +348,11 @@ def test_an_extension_from_older_sources_falls_back_saying_to_rebuild(monkeypatc
     runtime = onednn._runtime_library()
     if runtime is None:
         pytest.skip(f"no {onednn.RUNTIME_LIBRARY} to point the loader at")
-    monkeypatch.setenv(onednn.LIBRARY_ENV, str(runtime))  # loads, but has no convnets_* symbol
-    onednn._reset_for_tests()
-    try:
+    with _loader_pointed_at(monkeypatch, runtime):  # it loads, but has no convnets_* symbol
         assert not onednn.available() and not onednn.usable()
         reason = onednn.unavailable_reason()
         assert "convnets_onednn_conv_fwd" in reason and "older" in reason, reason
         assert "pip install -e ." in reason
-    finally:
-        monkeypatch.delenv(onednn.LIBRARY_ENV)
-        onednn._reset_for_tests()
 
 
 def test_missing_extension_in_a_fresh_process():
