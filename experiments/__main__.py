@@ -1,5 +1,8 @@
-"""python -m experiments {run|report|commands|slurm} NAME[:VARIANT] [--output=DIR] [--runs=DIR]
-[--seeds=..] [--only=ROW,..] [--jobs=auto|N]"""
+"""python -m experiments {run|report|commands|slurm|archive} NAME[:VARIANT] [--output=DIR]
+[--runs=DIR] [--seeds=..] [--only=ROW,..] [--jobs=auto|N]
+
+archive copies the finished runs' records (everything but checkpoints) from --runs into
+--output, where `report --runs=` that folder rebuilds the report and `run` counts them done."""
 
 import sys
 from pathlib import Path
@@ -36,7 +39,7 @@ _SEEDS = flags.DEFINE_list(
     "same comparison on another seed set).",
 )
 _JOBS = flags.DEFINE_string("jobs", "auto", runner.JOBS_HELP)
-ACTIONS = ("run", "report", "commands", "slurm")
+ACTIONS = ("run", "report", "commands", "slurm", "archive")
 
 
 def main(argv):
@@ -66,6 +69,17 @@ def main(argv):
                     f"train those first (`python -m experiments slurm {first.name}:"
                     f"{spec.partition(':')[2]} --only={first.runs[0].name} --runs={runs}`)"
                 )
+            return
+        if action == "archive":
+            if not (_OUTPUT.value and _RUNS.value):
+                raise UserError(
+                    "archive needs --runs (the runs' folder) and --output (where their records "
+                    "go, e.g. experiments/results/runs_fashion_mnist)"
+                )
+            copied, unfinished = runner.archive(experiment, runs, output)
+            print(f"archived {len(copied)} runs into {output}: {', '.join(copied) or 'none new'}")
+            if unfinished:
+                print(f"not finished, not archived: {', '.join(unfinished)}")
             return
         if action == "run":
             runner.run(experiment, runs, tuple(_ONLY.value), runner.parse_jobs(_JOBS.value))

@@ -3,6 +3,7 @@
 import dataclasses
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -110,6 +111,66 @@ def _check_finished(workdir: Path, run: Run, seed: int) -> None:
             f"{workdir} holds a finished run of another config than {run.name} seed {seed} "
             f"({'; '.join(differences)}); move it aside or use another --output."
         )
+
+
+# --- Run records: what a finished run leaves besides its checkpoints.
+#
+# A run's record (its config, results, test evaluation, learning curve and environment, about
+# 100-200 kB) is all `report` and `run` read from a finished run: copied into another folder
+# (`archive`), it regenerates the report and counts as done for `run`, without the
+# checkpoints (megabytes to hundreds of megabytes each). The committed reports keep their
+# runs' records beside them this way, so a report can be rebuilt, or extended with more seeds,
+# on a machine that never held the checkpoints.
+RECORD_FILES = (
+    "config.json",
+    TRAINED,
+    EVALUATED,
+    "environment.json",
+    "metrics.jsonl",
+    "summary.json",
+)
+
+
+def archive(experiment: Experiment, runs: Path, dest: Path) -> tuple[list[str], list[str]]:
+    """Copies the record (RECORD_FILES) of every finished run of `experiment` in `runs` into
+    `dest`, laid out as `runs` is (DEST/<run>/seed_<seed>/). Returns the runs copied and those
+    not finished (not trained, or not evaluated when the task evaluates separately), each as
+    'name seed N'. A record already in `dest` is kept when it is the same run's and refused
+    (UserError) when it differs, so an archive is never overwritten in silence."""
+    copied, unfinished = [], []
+    for run in experiment.runs:
+        for seed in experiment.seeds:
+            label, workdir = f"{run.name} seed {seed}", run_dir(runs, run, seed)
+            trained = (workdir / TRAINED).exists()
+            evaluated = not SEPARATE_EVAL[experiment.task] or (workdir / EVALUATED).exists()
+            if not (trained and evaluated):
+                unfinished.append(label)
+                continue
+            _check_finished(workdir, run, seed)
+            target = run_dir(dest, run, seed)
+            if (target / TRAINED).exists():
+                changed = [
+                    name
+                    for name in RECORD_FILES
+                    if (workdir / name).exists()
+                    and (
+                        not (target / name).exists()
+                        or (target / name).read_bytes() != (workdir / name).read_bytes()
+                    )
+                ]
+                if changed:
+                    raise UserError(
+                        f"{target} already holds a record of {label} that differs from "
+                        f"{workdir}'s ({', '.join(changed)}); remove that folder to archive "
+                        "this run instead, or archive into another folder."
+                    )
+                continue
+            for name in sorted(RECORD_FILES, key=lambda n: n == TRAINED):  # results.json last
+                if (workdir / name).exists():
+                    (target / name).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(workdir / name, target / name)
+            copied.append(label)
+    return copied, unfinished
 
 
 # --- Several runs at once: each its own train.py / eval.py process on its own CPU cores.

@@ -93,6 +93,38 @@ def test_tiny_experiment_end_to_end_and_rerun_skips(tmp_path):
     assert before == {p: p.stat().st_mtime for p in before}
 
 
+@pytest.mark.slow
+def test_archived_records_rebuild_the_report_and_count_as_done(tmp_path):
+    from errors import UserError
+
+    experiment = dataclasses.replace(tiny_experiment(), seeds=(0,))
+    plain = experiment.runs[0]
+    runs, archive = tmp_path / "runs", tmp_path / "archive"
+    runner.run_missing(experiment, runs, only=("plain",))  # trained for real; pooled_avg not
+    assert runner.archive(experiment, runs, archive) == (["plain seed 0"], ["pooled_avg seed 0"])
+    source, record = runner.run_dir(runs, plain, 0), runner.run_dir(archive, plain, 0)
+    assert (source / "checkpoints").is_dir()  # what stays behind
+    files = sorted(str(p.relative_to(record)) for p in record.rglob("*") if p.is_file())
+    assert files == sorted(runner.RECORD_FILES)
+    assert all((record / f).read_bytes() == (source / f).read_bytes() for f in files)
+    # the record alone rebuilds the report, and a runner given it has only the rest to do
+    from_runs = report.write(experiment, tmp_path / "report_runs", "tiny", runs=runs)
+    from_archive = report.write(experiment, tmp_path / "report_archive", "tiny", runs=archive)
+    assert from_archive == from_runs and "| plain | 1 |" in from_archive
+    assert [job.label for job in runner.pending_jobs(experiment, archive)] == ["pooled_avg seed 0"]
+    # archiving again adds nothing; a record that differs from the run's is refused, not replaced
+    assert runner.archive(experiment, runs, archive) == ([], ["pooled_avg seed 0"])
+    metrics = source / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + metrics.read_text().splitlines(True)[-1])
+    with pytest.raises(
+        UserError,
+        match=r"plain/seed_0 already holds a record of plain seed 0 "
+        r"that differs from .*\(metrics.jsonl\); remove that folder",
+    ):
+        runner.archive(experiment, runs, archive)
+    assert files == sorted(str(p.relative_to(record)) for p in record.rglob("*") if p.is_file())
+
+
 def test_jobs_split_the_cpu_cores_among_runs_side_by_side():
     none = ""  # no accelerator visible
     assert runner.job_cores(None, 12, cores=[0, 1], accelerator=none) == [(0,), (1,)]
@@ -344,6 +376,31 @@ def _fake_finished_run(
     records[1]["accuracy"] = 0.5
     text = "".join(json.dumps(r) + "\n" for r in records)
     (workdir / "metrics.jsonl").write_text(text + metrics_tail)
+
+
+def test_archive_on_the_command_line_names_what_it_copied_and_what_it_left(tmp_path):
+    runs, dest = tmp_path / "runs", tmp_path / "records"
+    plain = experiments.get("weight_sharing:small").runs[0]
+    workdir = runner.run_dir(runs, plain, 1)
+    _fake_finished_run(workdir, runner.build_config(plain, 1))
+    (workdir / runner.EVALUATED).parent.mkdir(parents=True)
+    (workdir / runner.EVALUATED).write_text("{}")
+    out = _experiments_cli("archive", "weight_sharing:small", f"--runs={runs}", f"--output={dest}")
+    assert f"archived 1 runs into {dest}: plain seed 1\n" in out
+    assert "not finished, not archived: plain seed 0, plain seed 2, plain_local seed 0" in out
+    assert (dest / "plain" / "seed_1" / runner.EVALUATED).read_text() == "{}"
+    missing = subprocess.run(
+        [sys.executable, "-m", "experiments", "archive", "weight_sharing:small", f"--runs={runs}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().splitlines()[-1] == (
+        "error: archive needs --runs (the runs' folder) and --output (where their records go, "
+        "e.g. experiments/results/runs_fashion_mnist)"
+    )
 
 
 def test_a_folder_of_another_config_is_neither_skipped_nor_reported(tmp_path, caplog):

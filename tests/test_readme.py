@@ -84,3 +84,47 @@ def test_training_one_model_and_evaluating_it(tmp_path):
     run(the_command("eval.py", "--measures=probes,top_patches", "--update"), workdirs)
     updated = json.loads((tmp_path / "r20" / "eval" / "latest" / "eval.json").read_text())
     assert "probes" in updated and "top_patches" in updated
+
+
+def test_archiving_runs_rebuilding_the_report_and_resuming_from_the_records(tmp_path):
+    """README "Committed reports": the archive, report-from-records and copy-back commands as
+    written, their folders moved under the test's folder, over made-up finished runs."""
+    from experiments import get, runner
+    from tests.test_experiments import _fake_finished_run
+
+    folders = {
+        "runs/fashion_mnist": tmp_path / "runs",
+        "experiments/results/runs_fashion_mnist": tmp_path / "records",
+        "runs/weight_sharing_report": tmp_path / "report",
+    }
+
+    def moved(argv: list[str]) -> list[str]:
+        out = []
+        for arg in argv:
+            flag, eq, value = arg.rpartition("=")
+            tail = next((t for t in ("/.", "/") if value.endswith(t)), "")
+            folder = folders.get(value.removesuffix(tail) if tail else value)
+            out.append(f"{flag}{eq}{folder}{tail}" if folder else arg)
+        return out
+
+    experiment = get("weight_sharing:fashion_mnist")
+    for run_ in experiment.runs:
+        for seed in experiment.seeds:
+            workdir = runner.run_dir(folders["runs/fashion_mnist"], run_, seed)
+            _fake_finished_run(workdir, runner.build_config(run_, seed), accuracy=0.9)
+            (workdir / runner.EVALUATED).parent.mkdir(parents=True)
+            (workdir / runner.EVALUATED).write_text("{}")
+            (workdir / "checkpoints").mkdir()
+    archive = the_command("archive", "weight_sharing:fashion_mnist")
+    assert "archived 9 runs" in run(moved(archive), {}).stdout
+    report_argv = the_command("report", "--runs=experiments/results/runs_fashion_mnist")
+    table = run(moved(report_argv), {}).stdout
+    assert "| plain_local | 3 | 90.00 ± 0.00 |" in table
+    assert (folders["runs/weight_sharing_report"] / "report.md").exists()
+    # copied back into an empty runs folder, the records count as done
+    folders["runs/fashion_mnist"] = tmp_path / "fresh_runs"
+    folders["runs/fashion_mnist"].mkdir()
+    copy_back = the_command("cp", "-rn")
+    run(moved(copy_back), {})
+    assert not list(folders["runs/fashion_mnist"].rglob("checkpoints"))
+    assert runner.pending_jobs(experiment, folders["runs/fashion_mnist"]) == []
