@@ -372,7 +372,9 @@ def _read_archive(archive: Path, wanted: set[str]) -> dict[str, bytes]:
     return found
 
 
-def _missing_files_error(name: str, data_dir: Path, detail: str) -> UserError:
+def _missing_files_error(name: str, detail: str) -> UserError:
+    """The one-line error for a dataset whose files are not there; `detail` says what is
+    wrong and where."""
     dataset = _DATASETS[name]
     formats = "; ".join(
         (
@@ -383,7 +385,7 @@ def _missing_files_error(name: str, data_dir: Path, detail: str) -> UserError:
         for f in dataset.formats
     )
     return UserError(
-        f"dataset {name!r} from files: {detail} in {data_dir}. Expected {formats}. To fix, "
+        f"dataset {name!r} from files: {detail}. Expected {formats}. To fix, "
         f"{dataset.download}, and set config.dataset.data_dir to that folder; or use "
         "config.dataset.source='tfds'."
     )
@@ -415,14 +417,14 @@ def _read_files(name: str, data_dir: Path) -> tuple[_Format, dict[str, tuple[str
     """Returns (format, {file name: (where, for messages; contents)}) of every file needed."""
     found = _find(name, data_dir)
     if found is None:
-        raise _missing_files_error(name, data_dir, "no distribution files")
+        raise _missing_files_error(name, f"no distribution files in {data_dir}")
     fmt, where = found
     names = [n for split in fmt.splits.values() for n in split]
     if isinstance(where, dict):
         missing = [n for n, path in where.items() if path is None]
         if missing:
             raise _missing_files_error(
-                name, data_dir, f"{fmt.description} is incomplete: {', '.join(missing)} missing"
+                name, f"{fmt.description} in {data_dir} is incomplete: {', '.join(missing)} missing"
             )
         return fmt, {n: (str(where[n]), where[n].read_bytes()) for n in names}
     contents = _read_archive(where, set(names))
@@ -455,7 +457,7 @@ def read(name: str, data_dir: str) -> dict[str, Arrays]:
         )
     if not data_dir or not Path(data_dir).is_dir():
         raise _missing_files_error(
-            name, Path(data_dir or "."), f"config.dataset.data_dir={data_dir!r} is not a folder"
+            name, f"config.dataset.data_dir={data_dir!r} is not a folder (not there, or a file)"
         )
     fmt, contents = _read_files(name, Path(data_dir))
     splits = {}

@@ -235,10 +235,16 @@ def test_missing_files_say_where_to_download(tmp_path):
     with pytest.raises(UserError, match=r"no distribution files.*cifar-10-binary\.tar\.gz"):
         files.read("cifar10", str(tmp_path))
     (tmp_path / "data_batch_1.bin").write_bytes(b"")
-    with pytest.raises(UserError, match="incomplete: data_batch_2.bin"):
+    with pytest.raises(UserError, match=rf"in {tmp_path} is incomplete: data_batch_2.bin"):
         files.read("cifar10", str(tmp_path))
-    with pytest.raises(UserError, match="is not a folder"):
-        files.read("mnist", str(tmp_path / "nowhere"))
+    nowhere = tmp_path / "nowhere"
+    with pytest.raises(UserError) as error:
+        files.read("mnist", str(nowhere))
+    assert str(error.value).startswith(
+        f"dataset 'mnist' from files: config.dataset.data_dir='{nowhere}' is not a folder (not "
+        "there, or a file). Expected train-images-idx3-ubyte, "
+    )
+    assert str(nowhere) not in str(error.value).partition("is not a folder")[2]  # said once
 
 
 def _idx(array: np.ndarray) -> bytes:
