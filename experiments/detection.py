@@ -33,7 +33,7 @@ import sys
 from pathlib import Path
 
 from errors import UserError
-from experiments import Experiment, Run, report, runner, with_seeds
+from experiments import Experiment, Run, report, runner, stats, with_seeds
 from experiments.runner import TRAINED, build_config, config_mismatch, run_dir
 
 QUESTION = (
@@ -161,7 +161,15 @@ def seed_results(workdir: Path) -> dict:
     (`python -m detection eval --workdir=WORKDIR --checkpoint=latest`, e.g. to time the test
     pass with later evaluation code), its final test measures are that evaluation's, marked
     'retested' with its commit."""
+    from training import metrics as metrics_lib
+
     results = json.loads((workdir / TRAINED).read_text())
+    split = json.loads((workdir / "config.json").read_text())["dataset"]["eval_split"]
+    results["curve"] = [  # the held-out AP50 at each evaluation during training
+        (r["step"], r["ap50"])
+        for r in metrics_lib.read_records(workdir / "metrics.jsonl")
+        if r.get("split") == split and "ap50" in r
+    ]
     again = workdir / runner.EVALUATED
     if again.exists():
         test = json.loads(again.read_text())
@@ -203,6 +211,24 @@ MEASURES = (  # (results.json key, column, scale, digits)
 )
 
 
+# A detection run has plateaued when its last stats.PLATEAU_EVALS held-out AP50 figures lie
+# within this of each other: 2 AP50 points, about 1.3 standard errors of an AP50 measured on
+# the 200 Fashion-MNIST test scenes (~600 objects: sqrt(0.85 x 0.15 / 600) = 1.5 points), where
+# classification's half point is about one standard error of an accuracy on 5,000 images.
+AP_PLATEAU_TOLERANCE = 0.02
+
+
+def plateaued(seed: dict) -> bool:
+    """Whether one seed's run ended on a plateau of its held-out AP50 (AP_PLATEAU_TOLERANCE)."""
+    return stats.plateau(seed["curve"], tolerance=AP_PLATEAU_TOLERANCE).flat
+
+
+def _interval(row: dict) -> str:
+    """The 95 % t-interval of the row's mean AP50 (in points), or 'n = 1'."""
+    s = stats.summarize([seed["ap50"] for seed in row["seeds"]])
+    return "n = 1" if s.n == 1 else f"[{100 * s.low:.1f}, {100 * s.high:.1f}]"
+
+
 def _mean(row: dict, key: str) -> float:
     return statistics.fmean(seed[key] for seed in row["seeds"])
 
@@ -215,11 +241,17 @@ def _cell(row: dict, key: str, scale: float, digits: int) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The rows' mean (± sample std over seeds) of every measure, as a Markdown table."""
-    head = "| method | seeds | " + " | ".join(m[1] for m in MEASURES) + " |"
-    lines = [head, "|" + "---|" * (len(MEASURES) + 2)]
+    """The rows' mean (± sample std over seeds) of every measure, as a Markdown table, with
+    AP50's 95 % interval and how many seeds' runs plateaued after the AP50 column."""
+    names = [m[1] for m in MEASURES]
+    head = "| method | seeds | " + " | ".join(
+        [names[0], "AP50 95 % interval", "plateaued", *names[1:]]
+    )
+    lines = [head + " |", "|" + "---|" * (len(MEASURES) + 4)]
     for row in rows:
         cells = [_cell(row, key, scale, digits) for key, _, scale, digits in MEASURES]
+        flat = f"{sum(map(plateaued, row['seeds']))}/{len(row['seeds'])}"
+        cells[1:1] = [_interval(row), flat]
         label = METHODS.get(row["name"], row["name"])
         lines.append(f"| {label} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -392,7 +424,11 @@ def write_report(experiment: Experiment, output: Path, spec: str, runs: Path | N
 
 AP on the {d.test_scenes} test scenes ({first.dataset.name}, {d.image_size}x{d.image_size})
 of the final model: AP50, AP75 and AP@[.5:.95] by pycocotools, VOC07 mAP the PASCAL VOC 2007
-11-point AP at IoU 0.5 (the papers' measure); mean ± sample std over seeds. Test images/s:
+11-point AP at IoU 0.5 (the papers' measure); mean ± sample std over seeds, and AP50's 95 %
+confidence interval of the mean (Student t). Plateaued: the seeds whose last
+{stats.PLATEAU_EVALS} held-out AP50 evaluations during training ({first.dataset.eval_split}
+scenes) lie within {100 * AP_PLATEAU_TOLERANCE:.0f} points of each other (about 1.3 standard
+errors of an AP50 on the 200 Fashion-MNIST test scenes). Test images/s:
 network, box decoding and per-class NMS over each image's proposals (its first
 {d.test_proposals}; both methods skip the padding of images with fewer), the proposals
 computed beforehand (as the papers time it). Test GFLOPs/image: the networks' arithmetic from
@@ -426,6 +462,8 @@ Produced by `python -m experiments.detection run {spec}{flags}` on {machine},
             "config": row["config"],
             "seeds": [s["seed"] for s in row["seeds"]],
             **{key: _mean(row, key) for key, *_ in MEASURES},
+            "ap50_per_seed": [s["ap50"] for s in row["seeds"]],
+            "plateaued": [plateaued(s) for s in row["seeds"]],
         }
         for row in rows
     ]

@@ -31,6 +31,30 @@ def test_the_experiment_compares_the_two_methods_on_the_same_scenes():
         experiments.get("detection:cifar10")
 
 
+def test_the_table_gives_ap50s_interval_and_plateau_from_known_numbers():
+    # AP50 0.80, 0.82, 0.84: mean 82.0, std 2.0, 95 % interval 82.0 -/+ t(0.975, 2) 4.3027 x
+    # 2.0 / sqrt(3) = 4.97 points: [77.0, 87.0]. Held-out curves: the first flat at its end (last
+    # three within 2 points), the second still rising, the third with two evaluations only.
+    curves = (
+        [(1, 0.5), (2, 0.79), (3, 0.80), (4, 0.80)],
+        [(1, 0.70), (2, 0.75), (3, 0.82)],
+        [(1, 0.80), (2, 0.80)],
+    )
+    seeds = [
+        {key: 1.0 for key, *_ in experiment_lib.MEASURES} | {"ap50": ap50, "curve": curve}
+        for ap50, curve in zip((0.80, 0.82, 0.84), curves, strict=True)
+    ]
+    table = experiment_lib.markdown_table([{"name": "rcnn", "seeds": seeds}])
+    head, _, row = table.splitlines()
+    assert head.startswith("| method | seeds | AP50 | AP50 95 % interval | plateaued | AP@")
+    assert row.startswith("| R-CNN | 3 | 82.0 ± 2.0 | [77.0, 87.0] | 1/3 | 100.0 ± 0.0 |")
+    assert [experiment_lib.plateaued(s) for s in seeds] == [True, False, False]
+    seeds[0]["curve"] = [(2, 0.77), (3, 0.80), (4, 0.80)]  # 3 points apart: not flat
+    assert not experiment_lib.plateaued(seeds[0])
+    one = experiment_lib.markdown_table([{"name": "fast_rcnn", "seeds": seeds[:1]}])
+    assert "| Fast R-CNN | 1 | 80.0 | n = 1 | 0/1 |" in one
+
+
 def test_fashion_mnist_detectors_start_from_the_classifier_of_their_seed(tmp_path):
     from detection import train
 
@@ -93,7 +117,7 @@ def test_small_variant_runs_and_reports_end_to_end(tmp_path):
     assert f"**{ratio:.1f}x**" in table
     for label, result in zip(("R-CNN", "Fast R-CNN"), results.values(), strict=True):
         line = next(line for line in table.splitlines() if line.startswith(f"| {label} |"))
-        assert f"| {100 * result['ap50']:,.1f} |" in line  # AP50 is the first measure
+        assert f"| {100 * result['ap50']:,.1f} | n = 1 | 0/1 |" in line  # one evaluation
     summary = json.loads((output / "results.json").read_text())
     assert summary["fast_over_rcnn_test_speed"] == pytest.approx(ratio)
     assert (output / "ap.png").stat().st_size > 0
