@@ -128,3 +128,30 @@ def test_archiving_runs_rebuilding_the_report_and_resuming_from_the_records(tmp_
     run(moved(copy_back), {})
     assert not list(folders["runs/fashion_mnist"].rglob("checkpoints"))
     assert runner.pending_jobs(experiment, folders["runs/fashion_mnist"]) == []
+
+
+@pytest.mark.slow
+def test_training_a_detector_and_evaluating_it(tmp_path):
+    """README "Detection": the Fast R-CNN and R-CNN train commands on the built-in scenes and
+    both eval commands, as written, shrunk to a few scenes and steps."""
+    workdirs = {"runs/det": tmp_path / "det", "runs/det_rcnn": tmp_path / "det_rcnn"}
+    shrink = [
+        "--config.detection.train_scenes=6",
+        "--config.detection.test_scenes=3",
+        "--config.detection.test_proposals=40",
+        f"--config.detection.proposal_cache={tmp_path / 'proposals'}",
+        *(f for f in SHRINK if "dataset" not in f and "batch_size" not in f),
+    ]
+    run([*the_command("detection", "train", "--workdir=runs/det"), *shrink], workdirs)
+    run([*the_command("detection", "train", "--workdir=runs/det_rcnn"), *shrink], workdirs)
+    for name, mode in (("det", "fast_rcnn"), ("det_rcnn", "rcnn")):
+        results = json.loads((tmp_path / name / "results.json").read_text())
+        assert (results["method"], results["steps"]) == (mode, 4)
+    run(the_command("detection", "eval", "--checkpoint=best"), workdirs)
+    best = json.loads((tmp_path / "det" / "eval" / "best" / "eval.json").read_text())
+    assert best["split"] == "test" and best["images"] == 3 and 0 <= best["ap50"] <= 1
+    held_out = the_command("detection", "eval", "--split=validation")
+    run([*held_out, "--validation_scenes=2"], workdirs)  # the README's 200, fewer
+    tried = tmp_path / "det" / "eval" / "best" / "eval_validation_nms0.4.json"  # eval's default
+    tried = json.loads(tried.read_text())
+    assert (tried["split"], tried["images"], tried["nms_iou"]) == ("validation", 2, 0.4)
