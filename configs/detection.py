@@ -110,6 +110,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # what the inputs are normalised by: 'scenes' (the training scenes' per-channel mean and
     # std) or 'backbone' (those of the backbone classifier's training images, as it learned)
     d.input_stats = "scenes"
+    # the BatchNorm layers of a backbone that has them: 'train' (statistics of each training
+    # batch, running averages updated, as in the classifier's training) or 'frozen' (the
+    # classifier's running statistics, kept; scale and offset still learn): a detector's
+    # batches (two scenes, or 128 warped regions, mostly background) are not the images the
+    # statistics were learned on
+    d.batchnorm = "train"
     # R-CNN: the side of the warped regions, the classifier's input; 0 = the image size of
     # the scenes' classification dataset (builtin: dataset.builtin_image_size, 32;
     # fashion_mnist: 28; voc2007: CIFAR-10's 32), so a classifier trained by train.py on it

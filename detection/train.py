@@ -47,6 +47,7 @@ from detection import fast_rcnn, rcnn, regions, scenes, voc
 from detection import proposals as proposals_lib
 from detection import svm as svm_lib
 from errors import UserError
+from models import layers
 from models import summary as model_summary
 from training import checkpoint as ckpt_lib
 from training import loop as loop_lib
@@ -155,6 +156,7 @@ def validate(config: ml_collections.ConfigDict) -> list:
         "input_stats",
         f"{d.input_stats!r}: scenes or backbone",
     )
+    _require(d.batchnorm in ("train", "frozen"), "batchnorm", f"{d.batchnorm!r}: train or frozen")
     _require(
         d.input_stats == "scenes" or bool(d.backbone_workdir),
         "input_stats",
@@ -337,9 +339,16 @@ def _init_program(config, specs, mesh):
     """The train state's init program (training.state.init_program) of the detection network
     of `config.detection.mode` built from `specs`."""
     network = NETWORKS[config.detection.mode]
-    return state_lib.init_program(
-        config, mesh, lambda rngs: network(specs, dtype=config.model.dtype, rngs=rngs)
-    )
+
+    def create(rngs):
+        model = network(specs, dtype=config.model.dtype, rngs=rngs)
+        if config.detection.batchnorm == "frozen":
+            for _, module in nnx.iter_graph(model):
+                if isinstance(module, layers.BatchNorm):
+                    module.frozen = True
+        return model
+
+    return state_lib.init_program(config, mesh, create)
 
 
 def train_step(state, batch, *, graphdef, tx, config, mean, std):

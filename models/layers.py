@@ -181,7 +181,14 @@ class BatchNorm(nnx.BatchNorm):
     inputs with the switch of `models.cpu_kernels` on, goes through `cpu_kernels.batch_norm`
     (the same values; its gradient written out)."""
 
+    # True: the running statistics always, in training too, and left as they are (a detector
+    # fine-tuned on batches unlike its classifier's, `detection.batchnorm = 'frozen'`); the
+    # scale and offset still learn
+    frozen = False
+
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+        if self.frozen:
+            use_running_average = True
         running = self.use_running_average if use_running_average is None else use_running_average
         if (
             running is not False

@@ -147,6 +147,7 @@ def test_config_mistakes_are_one_line_errors():
         ("detection.background_iou_low", 0.6, "background_iou_low"),
         ("detection.bbox_target_std", (0.1, 0.1, 0.2), "bbox_target_std"),
         ("detection.proposal_mode", "slow", "proposal_mode"),
+        ("detection.batchnorm", "fixed", r"batchnorm: 'fixed': train or frozen"),
         ("optimizer.learning_rate", -1.0, "optimizer.learning_rate"),
     ]:
         with pytest.raises(UserError, match=message):
@@ -237,6 +238,43 @@ def test_backbone_starts_from_a_classification_run(workdir):
     other = _config(**{"model.widths": (16, 32, 64)})
     with pytest.raises(UserError, match="another model.*widths"):
         det_train.with_pretrained_backbone(fresh, str(workdir), other, specs, mesh)
+
+
+@pytest.mark.parametrize("mode", ["fast_rcnn", "rcnn"])
+def test_frozen_batchnorm_keeps_its_statistics_and_still_learns_its_scale(tmp_path, mode):
+    """detection.batchnorm: 'train' updates a BatchNorm backbone's running statistics from the
+    detector's batches; 'frozen' normalises with them, leaves them as they are, and still
+    trains the scale and offset."""
+    ends = {}
+    for how in ("train", "frozen"):
+        config = _config(
+            **{
+                **end_to_end_overrides(tmp_path),
+                "detection.mode": mode,
+                "detection.batchnorm": how,
+                "detection.train_scenes": 6,
+                "detection.test_scenes": 2,
+                "model.norm": "batch",
+                "training.num_steps": 3,
+                "training.eval_every_steps": 3,
+                "training.checkpoint_every_steps": 3,
+                "training.log_every_steps": 3,
+            },
+        )
+        det_train.train_and_evaluate(config, tmp_path / how)
+        run = det_train.setup(config, workdir=tmp_path / how, train=False)
+        ends[how] = (
+            nnx.to_pure_dict(run.state["batch_stats"]),
+            nnx.to_pure_dict(run.state["params"]),
+        )
+        run.lock.release()
+    stats = {how: jax.tree.leaves(ends[how][0]) for how in ends}
+    assert stats["frozen"] and len(stats["frozen"]) == len(stats["train"])
+    for leaf in stats["frozen"]:  # a fresh BatchNorm's: mean 0, variance 1
+        assert np.all(leaf == 0) or np.all(leaf == 1)
+    assert any(not (np.all(x == 0) or np.all(x == 1)) for x in stats["train"])
+    scale = ends["frozen"][1]["backbone"]["layers"]["norm1"]["scale"]
+    assert not np.all(scale == 1)  # the affine part learned
 
 
 @pytest.mark.slow
