@@ -289,6 +289,8 @@ def test_training_killed_or_stopped_resumes_to_the_uninterrupted_result(tmp_path
     import time
     from pathlib import Path
 
+    from tests.test_train import metrics_size, wait_for_metrics
+
     args = [
         sys.executable,
         "-m",
@@ -330,14 +332,9 @@ def test_training_killed_or_stopped_resumes_to_the_uninterrupted_result(tmp_path
 
     def start_and_wait(workdir) -> tuple[subprocess.Popen, Path]:
         """Starts a run and returns it once it has written a new metrics line."""
-        metrics = workdir / "metrics.jsonl"
-        before = len(metrics.read_text()) if metrics.exists() else 0
+        before = metrics_size(workdir)
         proc, log = start(workdir)
-        deadline = time.time() + 600
-        grown = False
-        while time.time() < deadline and proc.poll() is None and not grown:
-            grown = metrics.exists() and len(metrics.read_text()) > before
-            time.sleep(0.02)
+        grown = wait_for_metrics(proc, workdir, since=before, timeout=600)
         if not grown or proc.poll() is not None:
             proc.kill()
         assert grown and proc.poll() is None, log.read_text()[-2000:]

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from errors import UserError
+from tests.test_train import metrics_size, wait_for_metrics
 from training import checkpoint as ckpt_lib
 from training import loop
 from training import workdir as workdir_lib
@@ -217,10 +218,7 @@ def test_sigterm_and_ctrl_c_save_a_checkpoint_and_exit(tmp_path, cli, signum, co
         stderr=subprocess.PIPE,
         text=True,
     )
-    metrics = workdir / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text()):
-        time.sleep(0.1)
+    wait_for_metrics(proc, workdir)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err[-2000:]
@@ -307,22 +305,15 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path):
     rng = random.Random(0)
     kills = 0
     for _ in range(3):
+        before = metrics_size(workdir)
         proc = subprocess.Popen(
             [sys.executable, "train.py", *args, f"--workdir={workdir}"],
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        # wait for the loop to start (a metrics line), then kill at a random moment
-        deadline = time.time() + 240
-        metrics = workdir / "metrics.jsonl"
-        start = len(metrics.read_text()) if metrics.exists() else 0
-        while (
-            time.time() < deadline
-            and proc.poll() is None
-            and not (metrics.exists() and len(metrics.read_text()) > start)
-        ):
-            time.sleep(0.02)
+        # wait for the loop to start (a new metrics line), then kill at a random moment
+        wait_for_metrics(proc, workdir, since=before)
         time.sleep(rng.uniform(0.0, 1.5))
         if proc.poll() is None:
             proc.kill()
@@ -476,9 +467,7 @@ def test_two_runs_in_one_workdir_the_second_names_the_first(tmp_path):
     )
     try:
         metrics = tmp_path / "metrics.jsonl"
-        deadline = time.time() + 240
-        while time.time() < deadline and not (metrics.exists() and metrics.read_text()):
-            time.sleep(0.1)
+        wait_for_metrics(first, tmp_path)
         second = train_cli(*args)
         assert_one_clear_line(second, "in use by another run", f"pid {first.pid}", "train.py")
         before = metrics.read_text()

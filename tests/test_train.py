@@ -49,6 +49,22 @@ def read_metrics(workdir: Path) -> list[dict]:
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+def metrics_size(workdir: Path) -> int:
+    """How many characters WORKDIR/metrics.jsonl holds (0 before it exists)."""
+    metrics = workdir / "metrics.jsonl"
+    return len(metrics.read_text()) if metrics.exists() else 0
+
+
+def wait_for_metrics(proc: subprocess.Popen, workdir: Path, since: int = 0, timeout=240) -> bool:
+    """Waits while `proc` (a training process) runs until WORKDIR/metrics.jsonl holds more than
+    `since` characters: the loop has started (a resumed run appends: pass `metrics_size` from
+    before it started). Returns whether it did within `timeout` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and metrics_size(workdir) <= since:
+        time.sleep(0.02)
+    return metrics_size(workdir) > since
+
+
 def test_run_writes_every_output(tmp_path):
     results = loop.train_and_evaluate(tiny_config(), tmp_path)
     for name in ("config.json", "summary.txt", "summary.json", "environment.json", "results.json"):
