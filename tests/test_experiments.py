@@ -230,6 +230,23 @@ def test_every_experiment_and_variant_builds_valid_configs():
                 schema.validate(runner.build_config(run, seed=0))
 
 
+def test_weight_sharings_dense_network_has_the_plain_convnets_parameter_count():
+    """The comparison holds the parameter budget: on every variant the dense network has
+    within 2 % of the plain ConvNet's parameters (the locally connected net many times more)."""
+    import data
+    import models
+
+    for variant in experiments.variants("weight_sharing"):
+        params = {}
+        for run in experiments.get(f"weight_sharing:{variant}").runs:
+            config = runner.build_config(run, 0)
+            info = data.dataset_info(config.dataset)
+            specs = models.architecture(config.model, info.image_shape, info.num_classes)
+            params[run.name] = sum(spec.params for spec in specs)
+        assert abs(params["mlp"] / params["plain"] - 1) < 0.02, (variant, params)
+        assert params["plain_local"] > 30 * params["plain"], (variant, params)
+
+
 def test_variant_overrides_apply_to_their_variant_only():
     def allcnn(variant):
         experiment = experiments.get(f"families:{variant}")
