@@ -64,7 +64,8 @@ def test_fashion_mnist_detectors_start_from_the_classifier_of_their_seed(tmp_pat
     for run in experiment.runs:
         for seed in (0, 2):
             config = runner.build_config(run, seed)
-            assert train.backbone_workdir(config) == str(tmp_path / "no_batchnorm" / f"seed_{seed}")
+            assert train.backbone_workdir(config) == str(tmp_path / "pooled_max" / f"seed_{seed}")
+            assert (config.model.norm, config.detection.batchnorm) == ("batch", "frozen")
             # the model sections agree, as with_pretrained_backbone requires
             assert config.model.to_dict() == classifier.model.to_dict()
     small = experiment_lib.get_experiment("small", runs=tmp_path)

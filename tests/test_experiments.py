@@ -349,16 +349,16 @@ def test_detection_commands_train_the_backbones_first_with_detection_programs(tm
         "commands", "detection:fashion_mnist", f"--output={tmp_path}", f"--runs={runs}"
     ).splitlines()
     seeds = experiments.get("detection:fashion_mnist").seeds
-    # the recipe's BatchNorm-free pooled_max classifier of each seed, then R-CNN and Fast R-CNN
+    # families' pooled_max classifier of each seed, then R-CNN and Fast R-CNN
     # per seed
     assert len(lines) == 3 * len(seeds)
     for line, seed in zip(lines, seeds, strict=False):
         assert line.startswith("python train.py --config=configs/fashion_mnist.py:pooled_max")
-        assert f"--workdir={runs}/no_batchnorm/seed_{seed} " in line
+        assert f"--workdir={runs}/pooled_max/seed_{seed} " in line
     detectors = lines[len(seeds) :]
     assert all(line.startswith("python -m detection train --config=configs/detection.py:")
                for line in detectors)  # fmt: skip
-    backbone = f"--config.detection.backbone_workdir={runs}/no_batchnorm/seed_{{seed}}"
+    backbone = f"--config.detection.backbone_workdir={runs}/pooled_max/seed_{{seed}}"
     assert backbone in detectors[0]
     assert (
         f"python -m detection eval --workdir={runs}/rcnn/seed_0 --checkpoint=latest"
@@ -370,7 +370,7 @@ def test_detection_commands_train_the_backbones_first_with_detection_programs(tm
     assert "python -m experiments.detection report detection:small" in script
     assert "start from" not in out  # small: no backbone to train first
     out = _experiments_cli("slurm", "detection:fashion_mnist", f"--output={tmp_path}")
-    assert "train those first" in out and "recipe:fashion_mnist --only=no_batchnorm" in out
+    assert "train those first" in out and "families:fashion_mnist --only=pooled_max" in out
 
 
 def _fake_finished_run(
