@@ -125,6 +125,32 @@ def test_archived_records_rebuild_the_report_and_count_as_done(tmp_path):
     assert files == sorted(str(p.relative_to(record)) for p in record.rglob("*") if p.is_file())
 
 
+def test_the_committed_records_reproduce_the_committed_reports_numbers():
+    """experiments/results/runs_fashion_mnist holds the records of the runs behind the
+    Fashion-MNIST reports trained since it exists: each such report's numbers (results.json)
+    are what `report` computes from those records alone."""
+    results = ROOT / "experiments" / "results"
+    records = results / "runs_fashion_mnist"
+    checked = []
+    for name in experiments.NAMES:
+        committed = results / f"{name}_fashion_mnist" / "results.json"
+        if name == "detection" or not committed.exists():
+            continue
+        experiment = experiments.get(f"{name}:fashion_mnist")
+        rows = report.collect(experiment, records)
+        recorded = {row["name"]: len(row["seeds"]) for row in rows}
+        summary = json.loads(committed.read_text())
+        if any(recorded.get(row["name"]) != row["seeds"] for row in summary):
+            continue  # a report from runs before the records (their runs are gone)
+        computed = [
+            dict(report.summarize(row), config=row["config"], overrides=row["overrides"])
+            for row in rows
+        ]
+        assert json.loads(json.dumps(computed)) == summary, name  # as results.json holds it
+        checked.append(name)
+    assert "weight_sharing" in checked
+
+
 def test_jobs_split_the_cpu_cores_among_runs_side_by_side():
     none = ""  # no accelerator visible
     assert runner.job_cores(None, 12, cores=[0, 1], accelerator=none) == [(0,), (1,)]
