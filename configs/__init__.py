@@ -56,8 +56,9 @@ def override(config: ml_collections.ConfigDict, values: Mapping[str, Any]) -> No
 def from_json(text: str) -> ml_collections.ConfigDict:
     """Returns the ConfigDict saved as config.json in a workdir (lists become tuples).
 
-    A field added to configs/base.py after the run was saved gets its default value, so runs
-    of earlier versions can still be evaluated; the model section is taken as saved.
+    A field added to configs/base.py after the run was saved (or, for a detection run, to
+    configs/detection.py's detection section) gets its default value, so runs of earlier
+    versions can still be evaluated; the model section is taken as saved.
     """
 
     def tuples(x):
@@ -83,4 +84,8 @@ def from_json(text: str) -> ml_collections.ConfigDict:
         raise ValueError("not a JSON object")
     defaults = base.get_config().to_dict()
     defaults.pop("model")
+    if "detection" in saved:
+        from configs import detection
+
+        defaults["detection"] = detection.get_config().detection.to_dict()
     return ml_collections.ConfigDict(with_defaults(saved, defaults))

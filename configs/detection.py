@@ -122,6 +122,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # fits (paper: 227)
     d.warp_size = 0
     d.roi_size = 7  # the RoI pooling grid H x W (paper: 7 x 7 for VGG16)
+    # Fast R-CNN's image pyramid (section 5.2, "multi-scale"): the backbone runs on the image
+    # resized by each of these factors, and each RoI is pooled from the level where its size
+    # (square root of its area, scaled) is closest to pyramid_target pixels, in training as at
+    # test (detection/fast_rcnn.py). (1.0,): one scale, the image as it is (the paper's
+    # default). pyramid_target 0: the size at which R-CNN's warp shows a region to the
+    # classifier (the warp size less twice the context padding: 24 px at 28)
+    d.pyramid_scales = (1.0,)
+    d.pyramid_target = 0.0
     # Fast R-CNN: the FC layers after the RoI pooling (paper: 4096, 4096)
     d.hidden_widths = (256, 256)
     d.hidden_dropout = 0.5  # dropout after each of them (paper: VGG16's 0.5)

@@ -12,10 +12,19 @@ outputs: `cls` (K + 1 scores, 0 = background) and `bbox` (4 K class-specific box
 The image's feature map is computed once per image; every RoI is max-pooled from it
 (`models.roi.roi_max_pool`, spatial scale = 1 / the backbone's jump) and goes through the
 head. `loss` is the multi-task loss of section 2.3 (eq. 1).
+
+With an image pyramid (section 5.2, "multi-scale"; `scales` of more than one level) the
+backbone runs on the image resized by each scale, and each RoI is pooled from the one level
+where its size (the square root of its area, times the level's scale) comes closest to
+`target` pixels: the paper's test-time rule (the level where the scaled RoI is closest to
+224 x 224, its networks' input), used here in training as at test (as FPN assigns RoIs to
+levels, Lin et al. 2017, eq. 1), so the head sees every object at about the size its
+classifier learned, as R-CNN's warp shows it.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -90,10 +99,26 @@ class FastRCNN(nnx.Module):
     `__call__(images, rois, roi_image, *, train=False, rngs=None)`: normalised images [B, H,
     W, C], RoIs [R, 4] (x1, y1, x2, y2 image pixels) on images `roi_image` [R] -> (float32
     class scores [R, K + 1], box deltas [R, K, 4]).
+
+    `scales`: the image pyramid's levels (image scale factors; (1.0,): the image as it is,
+    the paper's single scale), `target`: the RoI size in pixels each RoI's level is chosen
+    for (the module docstring); only read with more than one level.
     """
 
-    def __init__(self, specs: Sequence[LayerSpec], *, dtype: str = "float32", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        specs: Sequence[LayerSpec],
+        *,
+        dtype: str = "float32",
+        rngs: nnx.Rngs,
+        scales: Sequence[float] = (1.0,),
+        target: float = 0.0,
+    ):
         specs = tuple(specs)
+        self.scales = tuple(float(s) for s in scales)
+        if len(self.scales) > 1 and not target > 0:
+            raise ValueError(f"FastRCNN: an image pyramid {self.scales} needs a target > 0")
+        self.target = float(target)
         at = [s.name for s in specs].index(ROI_POOL)
         self.roi_spec = specs[at]
         self.backbone = models.Network(specs[:at], dtype=dtype, rngs=rngs)
@@ -109,20 +134,38 @@ class FastRCNN(nnx.Module):
             rngs.params(), self.bbox.kernel[...].shape
         )
 
-    def features(self, images: jax.Array, *, train: bool = False, rngs=None) -> jax.Array:
-        """The backbone's feature map [B, h, w, C] of normalised images [B, H, W, C]."""
-        return self.backbone(images, train=train, rngs=rngs)
+    def features(
+        self, images: jax.Array, *, train: bool = False, rngs=None
+    ) -> list[tuple[float, jax.Array]]:
+        """The backbone's feature maps of normalised images [B, H, W, C], one per pyramid
+        level: [(the level's scale, as resized, [B, h, w, C])]."""
+        levels = []
+        for size, scale in pyramid_sizes(images.shape[1:3], self.scales):
+            x = images
+            if size != images.shape[1:3]:  # bilinear, antialiased when shrinking
+                x = jax.image.resize(images, (images.shape[0], *size, images.shape[3]), "linear")
+            levels.append((scale, self.backbone(x, train=train, rngs=rngs)))
+        return levels
 
     def head(self, features, rois, roi_image, *, train: bool = False, rngs=None):
-        """(scores [R, K + 1], deltas [R, K, 4]) of the RoIs on a feature map."""
-        pooled = roi.roi_max_pool(
-            features,
-            rois,
-            roi_image,
-            self.roi_spec.out_shape[:2],
-            spatial_scale=1.0 / self.roi_spec.jump,
-            inside=True,  # proposals and ground truth lie in the image
-        )
+        """(scores [R, K + 1], deltas [R, K, 4]) of the RoIs on the feature maps of
+        `features()`, each RoI pooled from its level (`pyramid_level`)."""
+        pooled = [
+            roi.roi_max_pool(
+                level,
+                rois,
+                roi_image,
+                self.roi_spec.out_shape[:2],
+                spatial_scale=scale / self.roi_spec.jump,
+                inside=True,  # proposals and ground truth lie in the image
+            )
+            for scale, level in features
+        ]
+        if len(pooled) == 1:
+            pooled = pooled[0]
+        else:
+            chosen = pyramid_level(rois, [scale for scale, _ in features], self.target)
+            pooled = jnp.choose(chosen[:, None, None, None], pooled, mode="clip")
         hidden = self.trunk(pooled, train=train, rngs=rngs)
         scores = self.cls(hidden).astype(jnp.float32)
         deltas = self.bbox(hidden).astype(jnp.float32)
@@ -131,6 +174,31 @@ class FastRCNN(nnx.Module):
     def __call__(self, images, rois, roi_image, *, train: bool = False, rngs=None):
         features = self.features(images, train=train, rngs=rngs)
         return self.head(features, rois, roi_image, train=train, rngs=rngs)
+
+
+def pyramid_sizes(
+    image_size: Sequence[int], scales: Sequence[float]
+) -> list[tuple[tuple[int, int], float]]:
+    """Each pyramid level's image size (H, W), rounded, and its exact scale (the rounded
+    height over the image's), for an image of `image_size` (H, W) and `scales`."""
+    height, width = int(image_size[0]), int(image_size[1])
+    out = []
+    for s in scales:
+        h, w = max(1, round(height * s)), max(1, round(width * s))
+        out.append(((h, w), h / height))
+    return out
+
+
+def pyramid_level(rois: jax.Array, scales: Sequence[float], target: float) -> jax.Array:
+    """int32 [R]: for each RoI [R, 4] (image pixels) the level whose scale brings its size
+    (the square root of its area) closest to `target` pixels in log scale (the first of
+    equals)."""
+    w = jnp.maximum(rois[:, 2] - rois[:, 0], 1e-3)
+    h = jnp.maximum(rois[:, 3] - rois[:, 1], 1e-3)
+    size = 0.5 * (jnp.log(w) + jnp.log(h))
+    logs = jnp.log(jnp.asarray(scales, jnp.float32))
+    gap = jnp.abs(size[:, None] + logs[None, :] - math.log(target))
+    return jnp.argmin(gap, axis=1).astype(jnp.int32)
 
 
 def smooth_l1(x: jax.Array) -> jax.Array:

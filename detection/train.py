@@ -157,6 +157,18 @@ def validate(config: ml_collections.ConfigDict) -> list:
         f"{d.input_stats!r}: scenes or backbone",
     )
     _require(d.batchnorm in ("train", "frozen"), "batchnorm", f"{d.batchnorm!r}: train or frozen")
+    scales = tuple(d.pyramid_scales)
+    _require(
+        len(scales) >= 1 and all(s > 0 for s in scales) and len(set(scales)) == len(scales),
+        "pyramid_scales",
+        f"{scales} must be one or more different scale factors > 0 ((1.0,): one scale)",
+    )
+    _require(
+        len(scales) == 1 or d.mode == "fast_rcnn",
+        "pyramid_scales",
+        "an image pyramid is Fast R-CNN's (R-CNN warps every region to one size): set (1.0,)",
+    )
+    _require(d.pyramid_target >= 0, "pyramid_target", "must be >= 0 (0: R-CNN's warp)")
     _require(
         d.input_stats == "scenes" or bool(d.backbone_workdir),
         "input_stats",
@@ -324,9 +336,21 @@ def test_flops_per_image(
     its backbone once per image and the layers from the RoI pooling on once per proposal."""
     if proposals is None:
         proposals = config.detection.test_proposals
-    names = [s.name for s in specs]
-    at = names.index(fast_rcnn.ROI_POOL) if config.detection.mode == "fast_rcnn" else 0
-    return sum(s.flops for s in specs[:at]) + proposals * sum(s.flops for s in specs[at:])
+    d = config.detection
+    if d.mode == "rcnn":
+        return proposals * sum(s.flops for s in specs)
+    # the backbone once per pyramid level (at the level's image size), the RoI pooling once
+    # per level and proposal (every level pools every RoI; one is kept), the rest once per
+    # proposal
+    at = [s.name for s in specs].index(fast_rcnn.ROI_POOL)
+    channels = data.dataset_info(classifier_config(config).dataset).image_shape[2]
+    levels = fast_rcnn.pyramid_sizes((d.image_size, d.image_size), d.pyramid_scales)
+    backbone = sum(
+        sum(s.flops for s in fast_rcnn.backbone_specs(config.model, (*size, channels)))
+        for size, _ in levels
+    )
+    pooling = len(levels) * specs[at].flops
+    return backbone + proposals * (pooling + sum(s.flops for s in specs[at + 1 :]))
 
 
 def images_per_step(config: ml_collections.ConfigDict) -> int:
@@ -335,13 +359,27 @@ def images_per_step(config: ml_collections.ConfigDict) -> int:
     return rois_per_step(config) if config.detection.mode == "rcnn" else config.training.batch_size
 
 
+def pyramid_target(config: ml_collections.ConfigDict) -> float:
+    """Fast R-CNN's pyramid target size in pixels: detection.pyramid_target, or (0) the side
+    at which R-CNN's warp shows a region to the classifier: the warp size less twice its
+    context padding."""
+    if config.detection.pyramid_target:
+        return float(config.detection.pyramid_target)
+    size = warp_shape(config)[0]
+    return size - 2 * rcnn.context_pixels(size)
+
+
 def _init_program(config, specs, mesh):
     """The train state's init program (training.state.init_program) of the detection network
     of `config.detection.mode` built from `specs`."""
-    network = NETWORKS[config.detection.mode]
+    d = config.detection
+    network = NETWORKS[d.mode]
+    extra = {}
+    if d.mode == "fast_rcnn":
+        extra = {"scales": tuple(d.pyramid_scales), "target": pyramid_target(config)}
 
     def create(rngs):
-        model = network(specs, dtype=config.model.dtype, rngs=rngs)
+        model = network(specs, dtype=config.model.dtype, rngs=rngs, **extra)
         if config.detection.batchnorm == "frozen":
             for _, module in nnx.iter_graph(model):
                 if isinstance(module, layers.BatchNorm):

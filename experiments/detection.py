@@ -43,7 +43,19 @@ QUESTION = (
     "(the paper's target here: at least 20x)?"
 )
 PRESET = "pooled_max"
-METHODS = {"rcnn": "R-CNN", "fast_rcnn": "Fast R-CNN"}  # row name (detection.mode): label
+METHODS = {"rcnn": "R-CNN", "fast_rcnn": "Fast R-CNN"}  # detection.mode: label
+# Fast R-CNN with an image pyramid (Girshick 2015 section 5.2, "scale invariance: to brute
+# force or finesse?"; `detection.pyramid_scales`): the backbone at half, 1/sqrt(2), full and
+# sqrt(2) times the scene's size, each RoI pooled from the level that shows it at about the
+# size R-CNN's warp gives the classifier (24 px on Fashion-MNIST's 28)
+PYRAMID = {"detection.pyramid_scales": (0.5, 0.71, 1.0, 1.41)}
+# the rows: name -> (label, detection.mode, overrides on the variant's budget)
+ROWS = {
+    "rcnn": (METHODS["rcnn"], "rcnn", {}),
+    "fast_rcnn": (METHODS["fast_rcnn"], "fast_rcnn", {}),
+    "fast_rcnn_pyramid": ("Fast R-CNN, image pyramid", "fast_rcnn", PYRAMID),
+}
+LABELS = {name: label for name, (label, _, _) in ROWS.items()}
 SCENES = {"small": "builtin", "fashion_mnist": "fashion_mnist"}
 BUDGETS = {
     # ~3 CPU minutes per method on 2 cores, plus ~0.3 s per scene once for the proposals
@@ -78,6 +90,11 @@ BUDGETS = {
     },
 }
 SEEDS = {"small": (0,), "fashion_mnist": (0, 1, 2)}
+# the rows of each variant (the pyramid costs the small variant's CI time and adds nothing
+# there: its scenes' objects are 14-32 px, about R-CNN's 27-px warp already)
+VARIANT_ROWS = {"small": ("rcnn", "fast_rcnn"), "fashion_mnist": tuple(ROWS)}
+# what Fast R-CNN's rows change in the variant's budget
+FAST_BUDGETS = {"small": {}, "fashion_mnist": {}}
 # The classification row whose best checkpoint of the same seed starts both detectors, per
 # variant: (experiment, row) in the same runs folder. Fashion-MNIST: families' pooled ConvNet,
 # with BatchNorm, frozen in the detectors (`detection.batchnorm`): a detector trains on two
@@ -104,11 +121,13 @@ def get_experiment(variant: str = "small", runs: Path | None = None) -> Experime
     if variant in BACKBONES and runs is not None:
         row = backbone_run(variant)
         overrides["detection.backbone_workdir"] = str(Path(runs) / row.name / "seed_{seed}")
-    runs_ = tuple(
-        Run(mode, f"configs/detection.py:{PRESET},{SCENES[variant]},{mode}", overrides)
-        for mode in METHODS
-    )
-    return Experiment("detection", QUESTION, runs_, SEEDS[variant], task="detection")
+    runs_ = []
+    for name in VARIANT_ROWS[variant]:
+        _, mode, changes = ROWS[name]
+        fast = FAST_BUDGETS[variant] if mode == "fast_rcnn" else {}
+        config = f"configs/detection.py:{PRESET},{SCENES[variant]},{mode}"
+        runs_.append(Run(name, config, {**overrides, **fast, **changes}))
+    return Experiment("detection", QUESTION, tuple(runs_), SEEDS[variant], task="detection")
 
 
 def backbone_run(variant: str) -> Run | None:
@@ -259,17 +278,17 @@ def markdown_table(rows: list[dict]) -> str:
         cells = [_cell(row, key, scale, digits) for key, _, scale, digits in MEASURES]
         flat = f"{sum(map(plateaued, row['seeds']))}/{len(row['seeds'])}"
         cells[1:1] = [_interval(row), flat]
-        label = METHODS.get(row["name"], row["name"])
+        label = LABELS.get(row["name"], row["name"])
         lines.append(f"| {label} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def ratio(rows: list[dict], key: str) -> float | None:
-    """Fast R-CNN's mean `key` over R-CNN's (None unless both ran)."""
+def ratio(rows: list[dict], key: str, fast: str = "fast_rcnn") -> float | None:
+    """The mean `key` of the Fast R-CNN row `fast` over R-CNN's (None unless both ran)."""
     by_name = {row["name"]: row for row in rows}
-    if not set(METHODS) <= set(by_name):
+    if not {fast, "rcnn"} <= set(by_name):
         return None
-    return _mean(by_name["fast_rcnn"], key) / _mean(by_name["rcnn"], key)
+    return _mean(by_name[fast], key) / _mean(by_name["rcnn"], key)
 
 
 def plot(rows: list[dict], output: Path) -> Path:
@@ -287,14 +306,14 @@ def plot(rows: list[dict], output: Path) -> Path:
             statistics.fmean(s["final"]["test"]["per_class_voc07_ap"][c] for s in row["seeds"])
             for c in classes
         ]
-        label = METHODS.get(row["name"], row["name"])
+        label = LABELS.get(row["name"], row["name"])
         left.bar([j + i * width for j in range(len(classes))], per_class, width, label=label)
         right.bar(i, _mean(row, "ap50"), 0.6, label=label)
     left.set_xticks([j + 0.4 - width / 2 for j in range(len(classes))], classes, rotation=45)
     left.set_ylabel("VOC 2007 AP (IoU 0.5)")
     left.set_ylim(0, 1)
     left.legend()
-    right.set_xticks(range(len(rows)), [METHODS.get(row["name"], row["name"]) for row in rows])
+    right.set_xticks(range(len(rows)), [LABELS.get(row["name"], row["name"]) for row in rows])
     right.set_ylabel("AP50 (COCO)")
     right.set_ylim(0, 1)
     fig.tight_layout()
@@ -353,7 +372,7 @@ def draw_figures(experiment: Experiment, runs: Path, output: Path) -> str:
         examples = final["examples"]
         truth = [test.objects(i) for i in range(len(examples))]
         name = f"detections_{run.name}.png"
-        label = METHODS.get(run.name, run.name)
+        label = LABELS.get(run.name, run.name)
         figures.detections_grid(
             output / name,
             test.images[: len(examples)],
@@ -391,6 +410,12 @@ def write_report(experiment: Experiment, output: Path, spec: str, runs: Path | N
         if speed is not None
         else "Speed-up: needs both methods' runs."
     )
+    for name in (row["name"] for row in rows):
+        if name not in ("rcnn", "fast_rcnn") and ratio(rows, "test_images_per_s", name):
+            verdict += (
+                f" {LABELS.get(name, name)}: {ratio(rows, 'test_images_per_s', name):.1f}x as "
+                f"many, {1 / ratio(rows, 'test_flops_per_image', name):.1f}x fewer FLOPs."
+            )
     retested = sorted(
         {f"{row['name']} seed {seed['seed']} ({seed['retested']})" for row in rows
          for seed in row["seeds"] if seed.get("retested")}

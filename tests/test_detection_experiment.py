@@ -10,6 +10,7 @@ import pytest
 
 import experiments
 from data import builtin
+from detection import train as det_train
 from errors import UserError
 from experiments import detection as experiment_lib
 from experiments import runner
@@ -21,12 +22,24 @@ def test_the_experiment_compares_the_two_methods_on_the_same_scenes():
     for variant in experiments.variants("detection"):
         experiment = experiments.get(f"detection:{variant}")
         configs = [runner.build_config(run, 0) for run in experiment.runs]
-        assert [c.detection.mode for c in configs] == ["rcnn", "fast_rcnn"]
+        assert [c.detection.mode for c in configs[:2]] == ["rcnn", "fast_rcnn"]
         assert configs[0].dataset.name == configs[1].dataset.name
-        # everything but the method is the same
-        a, b = (c.to_dict() for c in configs)
-        a["detection"].pop("mode"), b["detection"].pop("mode")
+        # everything but the method (and Fast R-CNN's images per step) is the same
+        a, b, *pyramid = (c.to_dict() for c in configs)
+        fast = experiment_lib.FAST_BUDGETS[variant]
+        for c in (a, b, *pyramid):
+            c["detection"].pop("mode")
+            c["training"].pop("batch_size"), c["detection"].pop("rois_per_image")
         assert a == b
+        if fast:
+            assert configs[1].training.batch_size == fast["training.batch_size"]
+            assert det_train.rois_per_step(configs[1]) == det_train.rois_per_step(configs[0])
+        # the pyramid row (Fashion-MNIST) is Fast R-CNN with an image pyramid, nothing else
+        assert len(pyramid) == (variant == "fashion_mnist")
+        for row in pyramid:
+            assert row["detection"].pop("pyramid_scales") == (0.5, 0.71, 1.0, 1.41)
+            b["detection"].pop("pyramid_scales")
+            assert row == b
     with pytest.raises(UserError, match="detection:cifar10"):
         experiments.get("detection:cifar10")
 
@@ -53,6 +66,18 @@ def test_the_table_gives_ap50s_interval_and_plateau_from_known_numbers():
     assert not experiment_lib.plateaued(seeds[0])
     one = experiment_lib.markdown_table([{"name": "fast_rcnn", "seeds": seeds[:1]}])
     assert "| Fast R-CNN | 1 | 80.0 | n = 1 | 0/1 |" in one
+    # the speed-up of each Fast R-CNN row over R-CNN's, from the seeds' means
+    rows = [
+        {"name": name, "seeds": [{"test_images_per_s": v} for v in values]}
+        for name, values in [
+            ("rcnn", (10, 30)),
+            ("fast_rcnn", (300,)),
+            ("fast_rcnn_pyramid", (50,)),
+        ]
+    ]
+    assert experiment_lib.ratio(rows, "test_images_per_s") == 15.0
+    assert experiment_lib.ratio(rows, "test_images_per_s", "fast_rcnn_pyramid") == 2.5
+    assert experiment_lib.ratio(rows[1:], "test_images_per_s") is None
 
 
 def test_fashion_mnist_detectors_start_from_the_classifier_of_their_seed(tmp_path):

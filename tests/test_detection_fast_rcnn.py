@@ -51,6 +51,64 @@ def test_detector_specs_and_module_agree():
     assert params == sum(s.params for s in specs)
 
 
+def test_pyramid_level_is_the_scale_closest_to_the_target_size():
+    # sizes (sqrt of area) 12, 24, 48 and 10x40 (20); levels 0.5, 1, 2; target 24 px
+    rois = jnp.array([[0, 0, 12, 12], [4, 4, 28, 28], [0, 0, 48, 48], [0, 0, 10, 40]], jnp.float32)
+    level = fast_rcnn.pyramid_level(rois, (0.5, 1.0, 2.0), 24.0)
+    # 12 px x 2 = 24; 24 x 1; 48 x 0.5; 20: x1 -> 20 (log gap 0.18), x2 -> 40 (0.51)
+    np.testing.assert_array_equal(np.asarray(level), [2, 1, 0, 1])
+    assert fast_rcnn.pyramid_sizes((96, 96), (0.5, 0.71, 1.0)) == [
+        ((48, 48), 0.5),
+        ((68, 68), 68 / 96),
+        ((96, 96), 1.0),
+    ]
+
+
+def test_pyramid_pools_each_roi_from_its_level_as_one_scale_would_there():
+    """A RoI assigned to the half-size level scores as the one-scale detector (same weights)
+    scores the half-size image with the RoI halved; one at full size as on the image."""
+    c = _config(**{"detection.roi_size": 3})
+    specs = fast_rcnn.detector_specs(c.model, (64, 64, 3), 10, c.detection)
+    pyramid = fast_rcnn.FastRCNN(specs, rngs=nnx.Rngs(0), scales=(0.5, 1.0), target=16.0)
+    single = fast_rcnn.FastRCNN(specs, rngs=nnx.Rngs(0))
+    for model in (pyramid, single):  # scores start at zero: give them weights to compare
+        model.cls.kernel[...] = jax.random.normal(jax.random.key(1), model.cls.kernel.shape)
+    images = jax.random.uniform(jax.random.key(2), (2, 64, 64, 3))
+    rois = jnp.array([[4, 4, 36, 36], [20, 8, 36, 24]], jnp.float32)  # 32 px, 16 px
+    roi_image = jnp.array([0, 1])
+    np.testing.assert_array_equal(
+        np.asarray(fast_rcnn.pyramid_level(rois, (0.5, 1.0), 16.0)), [0, 1]
+    )
+    scores, deltas = pyramid(images, rois, roi_image)
+    half = jax.image.resize(images, (2, 32, 32, 3), "linear")
+    big_scores, big_deltas = single(half, rois[:1] * 0.5, roi_image[:1])
+    small_scores, small_deltas = single(images, rois[1:], roi_image[1:])
+    np.testing.assert_allclose(scores[0], big_scores[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(scores[1], small_scores[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(deltas[0], big_deltas[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(deltas[1], small_deltas[0], rtol=1e-5, atol=1e-5)
+    # both levels get gradients in training: each from its own RoIs
+    grads = nnx.grad(lambda m: jnp.sum(m(images, rois, roi_image)[0] ** 2))(pyramid)
+    assert float(jnp.abs(grads["backbone"]["layers"]["conv1"]["kernel"][...]).sum()) > 0
+
+
+def test_pyramid_flops_count_the_backbone_at_every_level():
+    one = _config(**{"detection.test_proposals": 100})
+    two = _config(**{"detection.test_proposals": 100, "detection.pyramid_scales": (0.5, 1.0)})
+    specs = det_train.validate(one)
+    assert det_train.validate(two) == specs  # the layers are the same; the levels are not
+    at = [s.name for s in specs].index("roi_pool")
+    full = sum(s.flops for s in specs[:at])
+    half = sum(s.flops for s in fast_rcnn.backbone_specs(one.model, (48, 48, 3)))
+    assert 0.2 * full < half < 0.3 * full
+    extra = half + 100 * specs[at].flops  # the half-size backbone and a second pooling
+    assert det_train.test_flops_per_image(specs, two) == pytest.approx(
+        det_train.test_flops_per_image(specs, one) + extra
+    )
+    # the target: R-CNN's warp (32 px on the built-in scenes) less its context padding
+    assert det_train.pyramid_target(two) == pytest.approx(32 - 2 * 16 * 32 / 227)
+
+
 def test_loss_is_cross_entropy_plus_smooth_l1_on_foreground():
     scores = jnp.array([[2.0, 0.0, 0.0], [0.0, 1.0, 3.0]])
     deltas = jnp.zeros((2, 2, 4)).at[1, 1].set(jnp.array([0.5, -2.0, 0.0, 0.0]))
@@ -148,14 +206,30 @@ def test_config_mistakes_are_one_line_errors():
         ("detection.bbox_target_std", (0.1, 0.1, 0.2), "bbox_target_std"),
         ("detection.proposal_mode", "slow", "proposal_mode"),
         ("detection.batchnorm", "fixed", r"batchnorm: 'fixed': train or frozen"),
+        ("detection.pyramid_scales", (1.0, 1.0), "pyramid_scales: .* different scale factors"),
+        ("detection.pyramid_scales", (0.0,), "pyramid_scales: .* > 0"),
+        ("detection.pyramid_target", -1.0, "pyramid_target: must be >= 0"),
         ("optimizer.learning_rate", -1.0, "optimizer.learning_rate"),
     ]:
         with pytest.raises(UserError, match=message):
             det_train.validate(_config(**{field: value}))
     with pytest.raises(UserError, match="no convolutional layers"):
         det_train.validate(configs.load("configs/detection.py:mlp"))
+    rcnn = configs.load("configs/detection.py:pooled_max,builtin,rcnn")
+    rcnn.detection.pyramid_scales = (0.5, 1.0)
+    with pytest.raises(UserError, match="an image pyramid is Fast R-CNN's"):
+        det_train.validate(rcnn)
     with pytest.raises(UserError, match="scenes 'voc'"):
         configs.load("configs/detection.py:pooled_max,voc")
+
+
+def test_a_run_saved_before_a_detection_field_existed_reads_with_its_default():
+    saved = _config(**{"detection.roi_size": 3}).to_dict()
+    del saved["detection"]["pyramid_scales"], saved["detection"]["pyramid_target"]
+    config = configs.from_json(json.dumps(saved))
+    assert config.detection.pyramid_scales == (1.0,) and config.detection.pyramid_target == 0
+    assert config.detection.roi_size == 3  # what was saved stays
+    det_train.validate(config)
 
 
 def _random_boxes(data, rng):
