@@ -122,6 +122,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # fits (paper: 227)
     d.warp_size = 0
     d.roi_size = 7  # the RoI pooling grid H x W (paper: 7 x 7 for VGG16)
+    # 'max': RoI max pooling, the region's edges rounded to feature-map cells (Fast R-CNN);
+    # 'align': RoIAlign, no rounding, each bin the max of 2 x 2 bilinear samples (He et al.
+    # 2017, Mask R-CNN section 3; models/roi.py)
+    d.roi_pool = "max"
     # Fast R-CNN's image pyramid (section 5.2, "multi-scale"): the backbone runs on the image
     # resized by each of these factors, and each RoI is pooled from the level where its size
     # (square root of its area, scaled) is closest to pyramid_target pixels, in training as at

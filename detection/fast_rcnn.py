@@ -10,8 +10,9 @@ outputs: `cls` (K + 1 scores, 0 = background) and `bbox` (4 K class-specific box
     scores, deltas = model(images, rois, roi_image, train=True, rngs=...)
 
 The image's feature map is computed once per image; every RoI is max-pooled from it
-(`models.roi.roi_max_pool`, spatial scale = 1 / the backbone's jump) and goes through the
-head. `loss` is the multi-task loss of section 2.3 (eq. 1).
+(`models.roi.roi_max_pool`, spatial scale = 1 / the backbone's jump; or with
+`detection.roi_pool = 'align'`, RoIAlign's bilinear samples, `models.roi.roi_align`) and goes
+through the head. `loss` is the multi-task loss of section 2.3 (eq. 1).
 
 With an image pyramid (section 5.2, "multi-scale"; `scales` of more than one level) the
 backbone runs on the image resized by each scale, and each RoI is pooled from the one level
@@ -80,7 +81,13 @@ def detector_specs(
     backbone = backbone_specs(model_cfg, image_shape)
     # the RoI pooling reads the backbone's last layer (its jump is the spatial scale); the
     # layers after it work on one region's grid
-    pooling = KINDS["roi_pool"].spec(ROI_POOL, (backbone[-1],), (), output_size=detection.roi_size)
+    pooling = KINDS["roi_pool"].spec(
+        ROI_POOL,
+        (backbone[-1],),
+        (),
+        output_size=detection.roi_size,
+        function=detection.roi_pool,
+    )
     b = Builder(pooling.out_shape)
     b.flatten("roi_flatten")
     for i, width in enumerate(detection.hidden_widths, start=6):  # the paper's fc6, fc7
@@ -150,14 +157,17 @@ class FastRCNN(nnx.Module):
     def head(self, features, rois, roi_image, *, train: bool = False, rngs=None):
         """(scores [R, K + 1], deltas [R, K, 4]) of the RoIs on the feature maps of
         `features()`, each RoI pooled from its level (`pyramid_level`)."""
+        pool = roi.ROI_FUNCTIONS[self.roi_spec.function]
+        # max: proposals and ground truth lie in the image (a faster table, same result)
+        inside = {"inside": True} if self.roi_spec.function == "max" else {}
         pooled = [
-            roi.roi_max_pool(
+            pool(
                 level,
                 rois,
                 roi_image,
                 self.roi_spec.out_shape[:2],
                 spatial_scale=scale / self.roi_spec.jump,
-                inside=True,  # proposals and ground truth lie in the image
+                **inside,
             )
             for scale, level in features
         ]

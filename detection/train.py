@@ -157,6 +157,7 @@ def validate(config: ml_collections.ConfigDict) -> list:
         f"{d.input_stats!r}: scenes or backbone",
     )
     _require(d.batchnorm in ("train", "frozen"), "batchnorm", f"{d.batchnorm!r}: train or frozen")
+    _require(d.roi_pool in ("max", "align"), "roi_pool", f"{d.roi_pool!r}: max or align")
     scales = tuple(d.pyramid_scales)
     _require(
         len(scales) >= 1 and all(s > 0 for s in scales) and len(set(scales)) == len(scales),

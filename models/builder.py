@@ -127,11 +127,19 @@ class Builder:
         return self.layer("global_pool", name, source=source)
 
     def roi_pool(
-        self, name: str, output_size: int | tuple[int, int], *, source: str | None = None
+        self,
+        name: str,
+        output_size: int | tuple[int, int],
+        *,
+        function: str = "max",
+        source: str | None = None,
     ) -> str:
-        """RoI max pooling to an `output_size` grid (Fast R-CNN): (H, W, C) -> (h, w, C) per
-        region; in a Network the region is the whole map (see models.roi)."""
-        return self.layer("roi_pool", name, source=source, output_size=output_size)
+        """RoI pooling to an `output_size` grid (Fast R-CNN's max pooling, or 'align':
+        RoIAlign): (H, W, C) -> (h, w, C) per region; in a Network the region is the whole
+        map (see models.roi)."""
+        return self.layer(
+            "roi_pool", name, source=source, output_size=output_size, function=function
+        )
 
     def flatten(self, name: str, *, source: str | None = None) -> str:
         """Flattens (H, W, C) to (H*W*C,); its receptive field is the region the vector sees."""

@@ -585,48 +585,67 @@ class Add(LayerKind):
 
 
 class RoiPool(LayerKind):
-    """RoI max pooling (Fast R-CNN): each region of the feature map max-pooled to a fixed
-    H_out x W_out grid of sub-windows, (H, W, C) -> (H_out, W_out, C) per region.
+    """RoI pooling (Fast R-CNN): each region of the feature map pooled to a fixed H_out x
+    W_out grid of bins, (H, W, C) -> (H_out, W_out, C) per region. `function` 'max': RoI max
+    pooling (Girshick 2015: the region's edges rounded to cells, each bin the max of its
+    cells, `models.roi.roi_max_pool`); 'align': RoIAlign (He et al. 2017: no rounding, each
+    bin the max of bilinear samples, `models.roi.roi_align`).
 
-    Inside a `Network` the one region is the whole map (adaptive max pooling, one output per
-    image); a detector calls `models.roi.roi_max_pool` on the same feature map with its
-    proposals (boxes in image pixels, `spatial_scale` = 1 / the layer's input jump). The
-    numbers here are per region."""
+    Inside a `Network` the one region is the whole map (for 'max', adaptive max pooling, one
+    output per image); a detector calls `models.roi.ROI_FUNCTIONS[function]` on the same
+    feature map with its proposals (boxes in image pixels, `spatial_scale` = 1 / the layer's
+    input jump). The numbers here are per region."""
 
     kind = "roi_pool"
 
-    def spec(self, name, sources, inputs, *, output_size):
+    def spec(self, name, sources, inputs, *, output_size, function="max"):
         (src,) = sources
         out_h, out_w = (output_size, output_size) if isinstance(output_size, int) else output_size
         if out_h < 1 or out_w < 1:
             raise UserError(f"layer '{name}': RoI pooling grid {output_size} must be >= 1x1")
+        if function not in roi.ROI_FUNCTIONS:
+            raise UserError(
+                f"layer '{name}': RoI pooling {function!r}: choose {' or '.join(roi.ROI_FUNCTIONS)}"
+            )
         out_shape = (out_h, out_w, src.out_shape[2])
+        # max: about one comparison per cell of the region (the whole map here); align: per
+        # sample point, four products and three sums for its interpolation and one comparison
+        flops = max(size(src.out_shape), size(out_shape))
+        if function == "align":
+            flops = 8 * roi.ALIGN_SAMPLES**2 * size(out_shape)
         return LayerSpec(
             name,
             self.kind,
             src.out_shape,
             out_shape,
-            function="max",
-            # each bin's max: about one comparison per cell of the region (the whole map here)
-            flops=max(size(src.out_shape), size(out_shape)),
+            function=function,
+            flops=flops,
             receptive_field=_whole_map_rf(src),
             jump=src.jump,
             inputs=inputs,
         )
 
     def apply(self, spec, layer, inputs, *, train, rngs):
+        if spec.function == "align":
+            return roi.whole_map_roi_align(inputs[0], spec.out_shape[:2])
         return roi.whole_map_max_pool(inputs[0], spec.out_shape[:2])
 
     def label(self, spec):
-        return f"roi_pool {spec.out_shape[0]}x{spec.out_shape[1]}"
+        word = "roi_align" if spec.function == "align" else "roi_pool"
+        return f"{word} {spec.out_shape[0]}x{spec.out_shape[1]}"
 
     def note(self, spec):
         scale = f"spatial scale 1/{spec.jump}"
+        if spec.function == "align":
+            scale += f", {roi.ALIGN_SAMPLES}x{roi.ALIGN_SAMPLES} bilinear samples a bin"
         return f"per region, {scale}" + (f", from {' + '.join(spec.inputs)}" if spec.inputs else "")
 
     def torch_apply(self, spec, layer, inputs):
-        # The whole-map region is torch's adaptive max pooling (same bins). RoI pooling over
-        # proposals needs torchvision.ops.roi_pool, which the bench extra does not install.
+        # The whole-map region of RoI max pooling is torch's adaptive max pooling (same bins).
+        # RoI pooling over proposals, and RoIAlign, need torchvision.ops, which the bench
+        # extra does not install.
+        if spec.function == "align":
+            raise NotImplementedError("RoIAlign has no reference in torch without torchvision")
         import torch.nn.functional as F
 
         return F.adaptive_max_pool2d(inputs[0], spec.out_shape[:2])

@@ -191,3 +191,68 @@ def whole_map_max_pool(features: jax.Array, output_size: int | tuple[int, int]) 
     b, height, width, _ = features.shape
     boxes = jnp.tile(jnp.array([[0.0, 0.0, width, height]], jnp.float32), (b, 1))
     return roi_max_pool(features, boxes, jnp.arange(b), output_size)
+
+
+ALIGN_SAMPLES = 2  # sampling points per bin along each axis (Mask R-CNN: "four regularly sampled")
+
+
+def roi_align(
+    features: jax.Array,
+    boxes: jax.Array,
+    batch_index: jax.Array,
+    output_size: int | tuple[int, int],
+    *,
+    spatial_scale: float = 1.0,
+    samples: int = ALIGN_SAMPLES,
+) -> jax.Array:
+    """Returns [R, H_out, W_out, C]: RoIAlign (He et al. 2017, Mask R-CNN, arXiv 1703.06870,
+    section 3) of `features` [B, H, W, C] over `boxes` [R, 4] (x1, y1, x2, y2 in image
+    pixels), box r on image `batch_index[r]`, aggregated by max as RoI max pooling is.
+
+    No rounding: each box is mapped to the map (times `spatial_scale`) as it is and divided
+    into H_out x W_out equal bins; each bin's value is the max over `samples` x `samples`
+    regularly placed points (at (k + 1/2) / samples of the bin), each the bilinear
+    interpolation of its four nearest cells (cell i's centre at i + 1/2, the continuous
+    convention of RoI max pooling's edges; a point beyond the outer centres takes the edge's
+    value). Differentiable through the interpolation weights' cells (jax's gather)."""
+    out_h, out_w = _pair(output_size)
+    _, height, width, _ = features.shape
+    boxes = jnp.asarray(boxes, jnp.float32) * spatial_scale
+    offsets = (jnp.arange(samples, dtype=jnp.float32) + 0.5) / samples
+
+    def axis_points(start, end, bins, extent):
+        # [R, bins * samples] sample positions in cell-centre coordinates, their lower cell,
+        # upper cell and the weight of the upper one
+        where = (jnp.arange(bins, dtype=jnp.float32)[:, None] + offsets[None, :]).reshape(-1)
+        p = start[:, None] + (end - start)[:, None] / bins * where[None, :] - 0.5
+        p = jnp.clip(p, 0.0, extent - 1.0)
+        low = jnp.floor(p)
+        return low.astype(jnp.int32), jnp.minimum(low.astype(jnp.int32) + 1, extent - 1), p - low
+
+    y0, y1, fy = axis_points(boxes[:, 1], boxes[:, 3], out_h, height)
+    x0, x1, fx = axis_points(boxes[:, 0], boxes[:, 2], out_w, width)
+    image = jnp.asarray(batch_index, jnp.int32)[:, None, None]
+
+    def at(y, x):  # [R, H_out * samples, W_out * samples, C]
+        return features[image, y[:, :, None], x[:, None, :]]
+
+    fy, fx = (
+        fy[:, :, None, None].astype(features.dtype),
+        fx[:, None, :, None].astype(features.dtype),
+    )
+    points = (at(y0, x0) * (1 - fx) + at(y0, x1) * fx) * (1 - fy) + (
+        at(y1, x0) * (1 - fx) + at(y1, x1) * fx
+    ) * fy
+    r, c = points.shape[0], points.shape[-1]
+    return points.reshape(r, out_h, samples, out_w, samples, c).max(axis=(2, 4))
+
+
+def whole_map_roi_align(features: jax.Array, output_size: int | tuple[int, int]) -> jax.Array:
+    """RoIAlign with one RoI per image, the whole map: [B, H, W, C] -> [B, h, w, C]."""
+    b, height, width, _ = features.shape
+    boxes = jnp.tile(jnp.array([[0.0, 0.0, width, height]], jnp.float32), (b, 1))
+    return roi_align(features, boxes, jnp.arange(b), output_size)
+
+
+# RoI pooling functions by the `roi_pool` layer kind's `function` (same arguments)
+ROI_FUNCTIONS = {"max": roi_max_pool, "align": roi_align}

@@ -15,6 +15,7 @@ import models
 from detection import evaluate, fast_rcnn, regions, scenes
 from detection import train as det_train
 from errors import UserError
+from models import roi
 
 
 def _config(**overrides):
@@ -49,6 +50,23 @@ def test_detector_specs_and_module_agree():
     np.testing.assert_array_equal(np.asarray(scores), 0)  # the scores start at zero
     params = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
     assert params == sum(s.params for s in specs)
+
+
+def test_roi_align_detector_pools_with_roi_align():
+    c = _config(**{"detection.roi_pool": "align", "detection.roi_size": 3})
+    specs = fast_rcnn.detector_specs(c.model, (64, 64, 3), 10, c.detection)
+    assert {s.name: s for s in specs}["roi_pool"].function == "align"
+    model = fast_rcnn.FastRCNN(specs, rngs=nnx.Rngs(0))
+    model.cls.kernel[...] = jax.random.normal(jax.random.key(1), model.cls.kernel.shape)
+    images = jax.random.uniform(jax.random.key(2), (1, 64, 64, 3))
+    rois, first = jnp.array([[4.3, 4.0, 36.6, 36.1]], jnp.float32), jnp.array([0])
+    features = model.features(images)
+    scores = model.head(features, rois, first)[0]
+    for pool, same in ((roi.roi_align, True), (roi.roi_max_pool, False)):
+        pooled = pool(features[0][1], rois, first, (3, 3), spatial_scale=1 / 4)
+        assert np.allclose(model.cls(model.trunk(pooled)), scores, rtol=1e-5, atol=1e-6) == same
+    with pytest.raises(UserError, match="roi_pool: 'avg': max or align"):
+        det_train.validate(_config(**{"detection.roi_pool": "avg"}))
 
 
 def test_pyramid_level_is_the_scale_closest_to_the_target_size():

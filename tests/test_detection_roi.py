@@ -132,3 +132,82 @@ def test_inside_clips_to_the_map_and_builds_fewer_levels_with_the_same_result():
         np.testing.assert_array_equal(np.asarray(fast), np.asarray(full))
     assert len(roi.range_max_table(features, axis=2, longest=5)) == 3  # 1, 2, 4 cells
     assert len(roi.range_max_table(features, axis=2)) == 5  # up to 16 of 24
+
+
+def _align_reference(features, boxes, batch_index, out_h, out_w, scale, samples=2):
+    """RoIAlign with max over the bilinear samples of each bin, as loops in NumPy."""
+    _, height, width, channels = features.shape
+    out = np.full((len(boxes), out_h, out_w, channels), -np.inf, np.float32)
+
+    def value(image, y, x):
+        y, x = min(max(y, 0.0), height - 1.0), min(max(x, 0.0), width - 1.0)
+        y0, x0 = math.floor(y), math.floor(x)
+        y1, x1 = min(y0 + 1, height - 1), min(x0 + 1, width - 1)
+        fy, fx = y - y0, x - x0
+        f = features[image]
+        top = f[y0, x0] * (1 - fx) + f[y0, x1] * fx
+        bottom = f[y1, x0] * (1 - fx) + f[y1, x1] * fx
+        return top * (1 - fy) + bottom * fy
+
+    for r, (box, b) in enumerate(zip(boxes, batch_index, strict=True)):
+        x1, y1, x2, y2 = (v * scale for v in box)
+        bin_h, bin_w = (y2 - y1) / out_h, (x2 - x1) / out_w
+        for i in range(out_h):
+            for j in range(out_w):
+                for sy in range(samples):
+                    for sx in range(samples):
+                        y = y1 + bin_h * (i + (sy + 0.5) / samples) - 0.5
+                        x = x1 + bin_w * (j + (sx + 0.5) / samples) - 0.5
+                        out[r, i, j] = np.maximum(out[r, i, j], value(b, y, x))
+    return out
+
+
+def test_roi_align_matches_the_numpy_loop_on_random_boxes():
+    rng = np.random.default_rng(4)
+    features = rng.normal(size=(3, 14, 13, 4)).astype(np.float32)
+    corner = rng.uniform(-10, 150, size=(40, 2))
+    boxes = np.concatenate([corner, corner + rng.uniform(0, 120, size=(40, 2))], 1)
+    batch_index = rng.integers(0, 3, 40)
+    want = _align_reference(features, boxes, batch_index, 3, 5, 1 / 8)
+    got = jax.jit(roi.roi_align, static_argnums=3, static_argnames="spatial_scale")(
+        features, boxes.astype(np.float32), batch_index, (3, 5), spatial_scale=1 / 8
+    )
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_roi_align_does_not_round_a_box_to_cells():
+    # a map whose value is the column index: bilinear sampling reads positions exactly. Box
+    # x 1..9 at scale 1/2 -> 0.5..4.5 cells, 2 bins of 2 cells, samples at 1.0, 2.0 | 3.0, 4.0
+    # (minus the half-cell offset of cell centres): each bin's max 1.5 and 3.5
+    column = np.broadcast_to(np.arange(8, dtype=np.float32)[None, :, None], (6, 8, 1))
+    got = roi.roi_align(column[None], np.array([[1, 0, 9, 12]], np.float32), [0], (1, 2),
+                        spatial_scale=0.5)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(got)[0, 0, :, 0], [1.5, 3.5])
+    # RoI max pooling rounds the same box to cells 1..5 (edges floor(0.5 + 0.5), floor(5)):
+    # bins [1, 3) and [3, 5), maxima 2 and 4
+    pooled = roi.roi_max_pool(column[None], np.array([[1, 0, 9, 12]], np.float32), [0], (1, 2),
+                              spatial_scale=0.5)  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(pooled)[0, 0, :, 0], [2, 4])
+
+
+def test_roi_align_gradient_matches_finite_differences():
+    from jax.test_util import check_grads
+
+    rng = np.random.default_rng(5)
+    features = jnp.asarray(rng.normal(size=(2, 8, 8, 3)), jnp.float32)
+    boxes = jnp.array([[3, 5, 27, 30], [0, 0, 32, 32], [10, 2, 19, 13]], jnp.float32)
+    pool = lambda f: roi.roi_align(f, boxes, jnp.array([0, 1, 1]), (3, 2), spatial_scale=0.25)
+    check_grads(pool, (features,), order=1, modes=("rev",), eps=1e-3, atol=1e-2, rtol=1e-2)
+
+
+def test_roi_align_layer_spec_and_summary_row():
+    b = Builder((32, 32, 3))
+    b.conv("conv", 8, 3, 2, 1)  # 16x16x8, jump 2
+    b.roi_pool("roi", (4, 2), function="align")
+    spec = b.specs[-1]
+    assert spec.function == "align" and spec.out_shape == (4, 2, 8)
+    assert spec.flops == 8 * 2 * 2 * (4 * 2 * 8)
+    row = next(line for line in summary.format_table(b.specs).splitlines() if "roi_align" in line)
+    assert "roi_align 4x2" in row and "2x2 bilinear samples a bin" in row
+    with pytest.raises(UserError, match="RoI pooling 'avg': choose max or align"):
+        Builder((8, 8, 3)).roi_pool("roi", 2, function="avg")
