@@ -49,11 +49,15 @@ METHODS = {"rcnn": "R-CNN", "fast_rcnn": "Fast R-CNN"}  # detection.mode: label
 # sqrt(2) times the scene's size, each RoI pooled from the level that shows it at about the
 # size R-CNN's warp gives the classifier (24 px on Fashion-MNIST's 28)
 PYRAMID = {"detection.pyramid_scales": (0.5, 0.71, 1.0, 1.41)}
+# RoIAlign (He et al. 2017) in place of RoI max pooling: the regions not rounded to cells
+ALIGN = {"detection.roi_pool": "align"}
 # the rows: name -> (label, detection.mode, overrides on the variant's budget)
 ROWS = {
     "rcnn": (METHODS["rcnn"], "rcnn", {}),
     "fast_rcnn": (METHODS["fast_rcnn"], "fast_rcnn", {}),
     "fast_rcnn_pyramid": ("Fast R-CNN, image pyramid", "fast_rcnn", PYRAMID),
+    "fast_rcnn_align": ("Fast R-CNN, RoIAlign", "fast_rcnn", ALIGN),
+    "fast_rcnn_align_pyramid": ("Fast R-CNN, RoIAlign + pyramid", "fast_rcnn", ALIGN | PYRAMID),
 }
 LABELS = {name: label for name, (label, _, _) in ROWS.items()}
 SCENES = {"small": "builtin", "fashion_mnist": "fashion_mnist"}
@@ -90,11 +94,9 @@ BUDGETS = {
     },
 }
 SEEDS = {"small": (0,), "fashion_mnist": (0, 1, 2)}
-# the rows of each variant (the pyramid costs the small variant's CI time and adds nothing
-# there: its scenes' objects are 14-32 px, about R-CNN's 27-px warp already)
+# the rows of each variant (the small variant's scenes have objects of 14-32 px, about
+# R-CNN's 27-px warp already, and its CI time is counted: the two methods only)
 VARIANT_ROWS = {"small": ("rcnn", "fast_rcnn"), "fashion_mnist": tuple(ROWS)}
-# what Fast R-CNN's rows change in the variant's budget
-FAST_BUDGETS = {"small": {}, "fashion_mnist": {}}
 # The classification row whose best checkpoint of the same seed starts both detectors, per
 # variant: (experiment, row) in the same runs folder. Fashion-MNIST: families' pooled ConvNet,
 # with BatchNorm, frozen in the detectors (`detection.batchnorm`): a detector trains on two
@@ -124,9 +126,8 @@ def get_experiment(variant: str = "small", runs: Path | None = None) -> Experime
     runs_ = []
     for name in VARIANT_ROWS[variant]:
         _, mode, changes = ROWS[name]
-        fast = FAST_BUDGETS[variant] if mode == "fast_rcnn" else {}
         config = f"configs/detection.py:{PRESET},{SCENES[variant]},{mode}"
-        runs_.append(Run(name, config, {**overrides, **fast, **changes}))
+        runs_.append(Run(name, config, {**overrides, **changes}))
     return Experiment("detection", QUESTION, tuple(runs_), SEEDS[variant], task="detection")
 
 
@@ -465,7 +466,8 @@ network, box decoding and per-class NMS over each image's proposals (its first
 {d.test_proposals}; both methods skip the padding of images with fewer), the proposals
 computed beforehand (as the papers time it). Test GFLOPs/image: the networks' arithmetic from
 their layer specs for the proposals scored (R-CNN: every layer once per proposal; Fast R-CNN:
-the conv layers once per image, the RoI pooling and the layers after it once per proposal).
+the conv layers once per image (and pyramid level, at its size), the RoI pooling (at every
+level) and the layers after it once per proposal).
 Their ratio is about the speed-up that running both at the same FLOP/s would give: at this
 image size and proposal count it bounds what Fast R-CNN's sharing of the convolutions can
 buy. Training: 128
