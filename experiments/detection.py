@@ -88,8 +88,8 @@ BUDGETS = {
         "detection.roi_size": 3,
         "detection.hidden_widths": (),
         "detection.input_stats": "backbone",
-        # the backbone classifier's (BACKBONES) BatchNorm, frozen
-        "model.norm": "batch",
+        # the backbone classifier's (BACKBONES) BatchNorm, frozen; its model section is the
+        # classifier's (`get_experiment` copies the row's model.* overrides)
         "detection.batchnorm": "frozen",
     },
 }
@@ -120,9 +120,12 @@ def get_experiment(variant: str = "small", runs: Path | None = None) -> Experime
     if variant not in BUDGETS:
         raise UserError(f"unknown variant detection:{variant}; choose one of {', '.join(BUDGETS)}")
     overrides = dict(BUDGETS[variant])
-    if variant in BACKBONES and runs is not None:
+    if variant in BACKBONES:
         row = backbone_run(variant)
-        overrides["detection.backbone_workdir"] = str(Path(runs) / row.name / "seed_{seed}")
+        # the detectors' layers are the classifier's, so its checkpoint fits them
+        overrides.update({k: v for k, v in row.overrides.items() if k.startswith("model.")})
+        if runs is not None:
+            overrides["detection.backbone_workdir"] = str(Path(runs) / row.name / "seed_{seed}")
     runs_ = []
     for name in VARIANT_ROWS[variant]:
         _, mode, changes = ROWS[name]
