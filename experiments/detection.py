@@ -420,15 +420,21 @@ def write_report(experiment: Experiment, output: Path, spec: str, runs: Path | N
                 f" {LABELS.get(name, name)}: {ratio(rows, 'test_images_per_s', name):.1f}x as "
                 f"many, {1 / ratio(rows, 'test_flops_per_image', name):.1f}x fewer FLOPs."
             )
-    retested = sorted(
-        {f"{row['name']} seed {seed['seed']} ({seed['retested']})" for row in rows
-         for seed in row["seeds"] if seed.get("retested")}
-    )  # fmt: skip
+    retested = {}  # commit: the runs evaluated again at it
+    for row in rows:
+        for seed in row["seeds"]:
+            if seed.get("retested"):
+                retested.setdefault(seed["retested"], []).append(f"{row['name']} {seed['seed']}")
+    total = sum(len(row["seeds"]) for row in rows)
     if retested:
+        groups = [
+            f"{'every run' if len(runs_) == total else ', '.join(runs_)} at {commit[:7]}"
+            for commit, runs_ in sorted(retested.items())
+        ]
         verdict += (
-            " Test measures of " + ", ".join(retested) + ": the final checkpoint evaluated "
+            " Test measures of " + "; ".join(groups) + ": the final checkpoint evaluated "
             "again by `python -m detection eval --checkpoint=latest` at that commit (same "
-            "weights, later evaluation code)."
+            "weights, later evaluation code; run and seed)."
         )
     table = markdown_table(rows) + "\n\n" + verdict
     plot(rows, output)

@@ -179,7 +179,7 @@ def test_small_variant_runs_and_reports_end_to_end(tmp_path):
     assert json.loads((fast / "eval" / "latest" / "eval.json").read_text()) == again
     table = experiment_lib.write_report(experiment, output, "detection:small")
     ratio = again["images_per_s"] / results["rcnn"]["test_images_per_s"]
-    assert f"**{ratio:.1f}x**" in table and "fast_rcnn seed 0 (" in table
+    assert f"**{ratio:.1f}x**" in table and "Test measures of fast_rcnn 0 at " in table
     # finished runs are skipped; another config's finished run in the folder is refused
     assert experiment_lib.run_missing(experiment, output) == []
     changed = dataclasses.replace(
