@@ -374,10 +374,12 @@ def test_detection_commands_train_the_backbones_first_with_detection_programs(tm
     lines = _experiments_cli(
         "commands", "detection:fashion_mnist", f"--output={tmp_path}", f"--runs={runs}"
     ).splitlines()
-    seeds = experiments.get("detection:fashion_mnist").seeds
-    # families' pooled_max classifier of each seed, then R-CNN and Fast R-CNN
-    # per seed
-    assert len(lines) == 3 * len(seeds)
+    experiment = experiments.get("detection:fashion_mnist")
+    seeds = experiment.seeds
+    # families' pooled_max classifier of each seed, then each detector row (R-CNN, Fast
+    # R-CNN and its variants) per seed
+    assert len(experiment.runs) == 5 and experiment.runs[0].name == "rcnn"
+    assert len(lines) == (1 + len(experiment.runs)) * len(seeds)
     for line, seed in zip(lines, seeds, strict=False):
         assert line.startswith("python train.py --config=configs/fashion_mnist.py:pooled_max")
         assert f"--workdir={runs}/pooled_max/seed_{seed} " in line
