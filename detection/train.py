@@ -47,7 +47,7 @@ from detection import fast_rcnn, rcnn, regions, scenes, voc
 from detection import proposals as proposals_lib
 from detection import svm as svm_lib
 from errors import UserError
-from models import layers
+from models import layers, roi
 from models import summary as model_summary
 from training import checkpoint as ckpt_lib
 from training import loop as loop_lib
@@ -157,7 +157,11 @@ def validate(config: ml_collections.ConfigDict) -> list:
         f"{d.input_stats!r}: scenes or backbone",
     )
     _require(d.batchnorm in ("train", "frozen"), "batchnorm", f"{d.batchnorm!r}: train or frozen")
-    _require(d.roi_pool in ("max", "align"), "roi_pool", f"{d.roi_pool!r}: max or align")
+    _require(
+        d.roi_pool in roi.ROI_FUNCTIONS,
+        "roi_pool",
+        f"{d.roi_pool!r}: {' or '.join(roi.ROI_FUNCTIONS)}",
+    )
     scales = tuple(d.pyramid_scales)
     _require(
         len(scales) >= 1 and all(s > 0 for s in scales) and len(set(scales)) == len(scales),
@@ -344,7 +348,7 @@ def test_flops_per_image(
     # per level and proposal (every level pools every RoI; one is kept), the rest once per
     # proposal
     at = [s.name for s in specs].index(fast_rcnn.ROI_POOL)
-    channels = data.dataset_info(classifier_config(config).dataset).image_shape[2]
+    channels = specs[0].in_shape[2]  # the scenes'
     levels = fast_rcnn.pyramid_sizes((d.image_size, d.image_size), d.pyramid_scales)
     backbone = sum(
         sum(s.flops for s in fast_rcnn.backbone_specs(config.model, (*size, channels)))

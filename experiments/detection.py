@@ -414,11 +414,12 @@ def write_report(experiment: Experiment, output: Path, spec: str, runs: Path | N
         if speed is not None
         else "Speed-up: needs both methods' runs."
     )
-    for name in (row["name"] for row in rows):
-        if name not in ("rcnn", "fast_rcnn") and ratio(rows, "test_images_per_s", name):
+    for name in (row["name"] for row in rows if row["name"] not in METHODS):
+        faster = ratio(rows, "test_images_per_s", name)
+        if faster:
             verdict += (
-                f" {LABELS.get(name, name)}: {ratio(rows, 'test_images_per_s', name):.1f}x as "
-                f"many, {1 / ratio(rows, 'test_flops_per_image', name):.1f}x fewer FLOPs."
+                f" {LABELS.get(name, name)}: {faster:.1f}x as many, "
+                f"{1 / ratio(rows, 'test_flops_per_image', name):.1f}x fewer FLOPs."
             )
     retested = {}  # commit: the runs evaluated again at it
     for row in rows:

@@ -626,9 +626,7 @@ class RoiPool(LayerKind):
         )
 
     def apply(self, spec, layer, inputs, *, train, rngs):
-        if spec.function == "align":
-            return roi.whole_map_roi_align(inputs[0], spec.out_shape[:2])
-        return roi.whole_map_max_pool(inputs[0], spec.out_shape[:2])
+        return roi.whole_map_pool(inputs[0], spec.out_shape[:2], spec.function)
 
     def label(self, spec):
         word = "roi_align" if spec.function == "align" else "roi_pool"

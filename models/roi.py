@@ -185,14 +185,6 @@ def roi_max_pool(
     return _max_of_rows(table, index)
 
 
-def whole_map_max_pool(features: jax.Array, output_size: int | tuple[int, int]) -> jax.Array:
-    """RoI max pooling with one RoI per image, the whole map: [B, H, W, C] -> [B, h, w, C]
-    (adaptive max pooling)."""
-    b, height, width, _ = features.shape
-    boxes = jnp.tile(jnp.array([[0.0, 0.0, width, height]], jnp.float32), (b, 1))
-    return roi_max_pool(features, boxes, jnp.arange(b), output_size)
-
-
 ALIGN_SAMPLES = 2  # sampling points per bin along each axis (Mask R-CNN: "four regularly sampled")
 
 
@@ -247,12 +239,15 @@ def roi_align(
     return points.reshape(r, out_h, samples, out_w, samples, c).max(axis=(2, 4))
 
 
-def whole_map_roi_align(features: jax.Array, output_size: int | tuple[int, int]) -> jax.Array:
-    """RoIAlign with one RoI per image, the whole map: [B, H, W, C] -> [B, h, w, C]."""
-    b, height, width, _ = features.shape
-    boxes = jnp.tile(jnp.array([[0.0, 0.0, width, height]], jnp.float32), (b, 1))
-    return roi_align(features, boxes, jnp.arange(b), output_size)
-
-
 # RoI pooling functions by the `roi_pool` layer kind's `function` (same arguments)
 ROI_FUNCTIONS = {"max": roi_max_pool, "align": roi_align}
+
+
+def whole_map_pool(
+    features: jax.Array, output_size: int | tuple[int, int], function: str = "max"
+) -> jax.Array:
+    """RoI pooling (`ROI_FUNCTIONS[function]`) with one RoI per image, the whole map: [B, H,
+    W, C] -> [B, h, w, C] (for 'max', adaptive max pooling)."""
+    b, height, width, _ = features.shape
+    boxes = jnp.tile(jnp.array([[0.0, 0.0, width, height]], jnp.float32), (b, 1))
+    return ROI_FUNCTIONS[function](features, boxes, jnp.arange(b), output_size)

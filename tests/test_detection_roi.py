@@ -98,7 +98,7 @@ def test_roi_max_pool_gradient_goes_to_each_bins_maximum():
 def test_whole_map_is_adaptive_max_pooling():
     torch = pytest.importorskip("torch")
     x = np.random.default_rng(2).normal(size=(2, 5, 7, 3)).astype(np.float32)
-    got = np.asarray(roi.whole_map_max_pool(jnp.asarray(x), (3, 4)))
+    got = np.asarray(roi.whole_map_pool(jnp.asarray(x), (3, 4), "max"))
     ref = torch.nn.functional.adaptive_max_pool2d(torch.from_numpy(x).permute(0, 3, 1, 2), (3, 4))
     np.testing.assert_array_equal(got, ref.permute(0, 2, 3, 1).numpy())
 
