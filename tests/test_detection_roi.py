@@ -95,6 +95,23 @@ def test_roi_max_pool_gradient_goes_to_each_bins_maximum():
     np.testing.assert_allclose(np.asarray(jax.grad(loss)(jnp.asarray(features))), want, atol=1e-6)
 
 
+def test_roi_max_pool_gradient_of_a_tied_maximum_goes_to_one_cell():
+    """Where several cells of a bin hold its maximum, the whole gradient goes to the first of
+    them (along W, then H: the bin's top-left one here), none is lost or doubled."""
+    features = np.zeros((1, 8, 8, 2), np.float32)
+    features[0, 2:6, 1:5] = 3.0  # a 4 x 4 plateau
+    boxes = np.array([[1, 2, 5, 6], [0, 0, 8, 8]], np.float32)  # the plateau; the whole map
+
+    def loss(f):
+        pooled = roi.roi_max_pool(f, boxes, np.array([0, 0]), (1, 1), inside=True)
+        return jnp.sum(pooled * jnp.array([1.0, 10.0])[:, None, None, None])
+
+    grad = np.asarray(jax.jit(jax.grad(loss))(jnp.asarray(features)))
+    want = np.zeros_like(features)
+    want[0, 2, 1] = 11.0  # both RoIs' maxima: the plateau's first cell
+    np.testing.assert_array_equal(grad, want)
+
+
 def test_whole_map_is_adaptive_max_pooling():
     torch = pytest.importorskip("torch")
     x = np.random.default_rng(2).normal(size=(2, 5, 7, 3)).astype(np.float32)
