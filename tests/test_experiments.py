@@ -148,7 +148,7 @@ def test_the_committed_records_reproduce_the_committed_reports_numbers():
         ]
         assert json.loads(json.dumps(computed)) == summary, name  # as results.json holds it
         checked.append(name)
-    assert {"weight_sharing", "families", "resnet_depth"} <= set(checked)
+    assert {"weight_sharing", "families", "resnet_depth", "recipe"} <= set(checked)
 
 
 def test_jobs_split_the_cpu_cores_among_runs_side_by_side():
