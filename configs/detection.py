@@ -134,6 +134,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # classifier (the warp size less twice the context padding: 24 px at 28)
     d.pyramid_scales = (1.0,)
     d.pyramid_target = 0.0
+    # Fast R-CNN: pool each RoI with the context R-CNN's warp gives it (the box scaled about
+    # its centre by the warp size over the warp size less twice the context padding: 28/24 at
+    # 28; detection/fast_rcnn.py). False: the RoI as it is (the paper's Fast R-CNN)
+    d.roi_context = False
     # Fast R-CNN: the FC layers after the RoI pooling (paper: 4096, 4096)
     d.hidden_widths = (256, 256)
     d.hidden_dropout = 0.5  # dropout after each of them (paper: VGG16's 0.5)

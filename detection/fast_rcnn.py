@@ -21,6 +21,12 @@ where its size (the square root of its area, times the level's scale) comes clos
 224 x 224, its networks' input), used here in training as at test (as FPN assigns RoIs to
 levels, Lin et al. 2017, eq. 1), so the head sees every object at about the size its
 classifier learned, as R-CNN's warp shows it.
+
+With `context` > 1 (`detection.roi_context`) each RoI is pooled from its box scaled about its
+centre by that factor, the region R-CNN's warp shows the classifier (its context padding:
+the box fills the warp less 16/227 of it on each side, so the region is 28/24 of the box at
+28 px); its class scores and box deltas are still the box's. Not in the paper, whose RoIs
+are pooled as they are.
 """
 
 from __future__ import annotations
@@ -109,7 +115,8 @@ class FastRCNN(nnx.Module):
 
     `scales`: the image pyramid's levels (image scale factors; (1.0,): the image as it is,
     the paper's single scale), `target`: the RoI size in pixels each RoI's level is chosen
-    for (the module docstring); only read with more than one level.
+    for (the module docstring); only read with more than one level. `context`: the factor
+    each RoI is scaled by about its centre before it is pooled (1.0: as it is, the paper's).
     """
 
     def __init__(
@@ -120,8 +127,12 @@ class FastRCNN(nnx.Module):
         rngs: nnx.Rngs,
         scales: Sequence[float] = (1.0,),
         target: float = 0.0,
+        context: float = 1.0,
     ):
         specs = tuple(specs)
+        if not context >= 1.0:
+            raise ValueError(f"FastRCNN: context {context} must be >= 1 (1: the RoI as it is)")
+        self.context = float(context)
         self.scales = tuple(float(s) for s in scales)
         if len(self.scales) > 1 and not target > 0:
             raise ValueError(f"FastRCNN: an image pyramid {self.scales} needs a target > 0")
@@ -158,12 +169,15 @@ class FastRCNN(nnx.Module):
         """(scores [R, K + 1], deltas [R, K, 4]) of the RoIs on the feature maps of
         `features()`, each RoI pooled from its level (`pyramid_level`)."""
         pool = roi.ROI_FUNCTIONS[self.roi_spec.function]
-        # max: proposals and ground truth lie in the image (a faster table, same result)
+        # max: the pooled regions are clipped to the image (a faster table; the same result
+        # for proposals and ground truth, which lie in it, and for a region with context,
+        # whose part outside the image holds nothing to pool)
         inside = {"inside": True} if self.roi_spec.function == "max" else {}
+        regions = rois if self.context == 1.0 else scale_boxes(rois, self.context)
         pooled = [
             pool(
                 level,
-                rois,
+                regions,
                 roi_image,
                 self.roi_spec.out_shape[:2],
                 spatial_scale=scale / self.roi_spec.jump,
@@ -184,6 +198,13 @@ class FastRCNN(nnx.Module):
     def __call__(self, images, rois, roi_image, *, train: bool = False, rngs=None):
         features = self.features(images, train=train, rngs=rngs)
         return self.head(features, rois, roi_image, train=train, rngs=rngs)
+
+
+def scale_boxes(boxes: jax.Array, factor: float) -> jax.Array:
+    """Boxes [R, 4] (x1, y1, x2, y2) scaled about their centres by `factor`."""
+    centre = 0.5 * (boxes[:, :2] + boxes[:, 2:])
+    half = (0.5 * factor) * (boxes[:, 2:] - boxes[:, :2])
+    return jnp.concatenate([centre - half, centre + half], axis=1)
 
 
 def pyramid_sizes(

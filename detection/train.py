@@ -175,6 +175,11 @@ def validate(config: ml_collections.ConfigDict) -> list:
     )
     _require(d.pyramid_target >= 0, "pyramid_target", "must be >= 0 (0: R-CNN's warp)")
     _require(
+        not d.roi_context or d.mode == "fast_rcnn",
+        "roi_context",
+        "is Fast R-CNN's (R-CNN's warp has its own context padding): set False",
+    )
+    _require(
         d.input_stats == "scenes" or bool(d.backbone_workdir),
         "input_stats",
         "'backbone' needs detection.backbone_workdir (the classifier whose statistics to use)",
@@ -374,6 +379,16 @@ def pyramid_target(config: ml_collections.ConfigDict) -> float:
     return size - 2 * rcnn.context_pixels(size)
 
 
+def roi_context(config: ml_collections.ConfigDict) -> float:
+    """The factor Fast R-CNN scales each RoI by before pooling it: with detection.roi_context,
+    the region R-CNN's warp shows the classifier over its box (the warp size over the warp
+    size less twice its context padding), else 1."""
+    if not config.detection.roi_context:
+        return 1.0
+    size = warp_shape(config)[0]
+    return size / (size - 2 * rcnn.context_pixels(size))
+
+
 def _init_program(config, specs, mesh):
     """The train state's init program (training.state.init_program) of the detection network
     of `config.detection.mode` built from `specs`."""
@@ -381,7 +396,11 @@ def _init_program(config, specs, mesh):
     network = NETWORKS[d.mode]
     extra = {}
     if d.mode == "fast_rcnn":
-        extra = {"scales": tuple(d.pyramid_scales), "target": pyramid_target(config)}
+        extra = {
+            "scales": tuple(d.pyramid_scales),
+            "target": pyramid_target(config),
+            "context": roi_context(config),
+        }
 
     def create(rngs):
         model = network(specs, dtype=config.model.dtype, rngs=rngs, **extra)

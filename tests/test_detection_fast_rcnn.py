@@ -110,6 +110,48 @@ def test_pyramid_pools_each_roi_from_its_level_as_one_scale_would_there():
     assert float(jnp.abs(grads["backbone"]["layers"]["conv1"]["kernel"][...]).sum()) > 0
 
 
+def test_roi_context_pools_the_region_r_cnns_warp_shows():
+    """With detection.roi_context each RoI is pooled from its box scaled about its centre by
+    R-CNN's warp size over the warp less its context padding (32/(32 - 2 x 16 x 32/227) on
+    the built-in scenes): the same scores as the detector without context on those boxes,
+    different from its scores on the boxes themselves; the pyramid level stays the box's."""
+    c = _config(**{"detection.roi_size": 3, "detection.roi_context": True})
+    factor = det_train.roi_context(c)
+    assert factor == pytest.approx(32 / (32 - 2 * 16 * 32 / 227))
+    assert det_train.roi_context(_config()) == 1.0
+    specs = fast_rcnn.detector_specs(c.model, (64, 64, 3), 10, c.detection)
+    wide = fast_rcnn.FastRCNN(specs, rngs=nnx.Rngs(0), context=factor)
+    plain = fast_rcnn.FastRCNN(specs, rngs=nnx.Rngs(0))
+    for model in (wide, plain):  # scores start at zero: give them weights to compare
+        model.cls.kernel[...] = jax.random.normal(jax.random.key(1), model.cls.kernel.shape)
+    images = jax.random.uniform(jax.random.key(2), (1, 64, 64, 3))
+    rois, first = jnp.array([[10, 12, 34, 40], [0, 0, 30, 30]], jnp.float32), jnp.array([0, 0])
+    scaled = fast_rcnn.scale_boxes(rois, factor)
+    np.testing.assert_allclose(  # centres kept, sides x factor
+        np.asarray(scaled[0]),
+        [22 - 12 * factor, 26 - 14 * factor, 22 + 12 * factor, 26 + 14 * factor],
+        rtol=1e-6,
+    )
+    np.testing.assert_allclose(
+        wide(images, rois, first)[0], plain(images, scaled, first)[0], rtol=1e-5
+    )
+    assert not np.allclose(wide(images, rois, first)[0], plain(images, rois, first)[0], rtol=1e-3)
+    pyramid = fast_rcnn.FastRCNN(
+        specs, rngs=nnx.Rngs(0), scales=(0.5, 1.0), target=16.0, context=1.2
+    )
+    one_level = fast_rcnn.FastRCNN(specs, rngs=nnx.Rngs(0), scales=(1.0,), context=1.2)
+    small = jnp.array([[20, 8, 36, 24]], jnp.float32)  # 16 px: level 1.0 (19 px with context)
+    for model in (pyramid, one_level):
+        model.cls.kernel[...] = jax.random.normal(jax.random.key(1), model.cls.kernel.shape)
+    np.testing.assert_allclose(
+        pyramid(images, small, first[:1])[0], one_level(images, small, first[:1])[0], rtol=1e-5
+    )
+    with pytest.raises(UserError, match="roi_context: is Fast R-CNN's"):
+        det_train.validate(_config(**{"detection.roi_context": True, "detection.mode": "rcnn"}))
+    with pytest.raises(ValueError, match="context 0.5 must be >= 1"):
+        fast_rcnn.FastRCNN(specs, rngs=nnx.Rngs(0), context=0.5)
+
+
 def test_pyramid_flops_count_the_backbone_at_every_level():
     one = _config(**{"detection.test_proposals": 100})
     two = _config(**{"detection.test_proposals": 100, "detection.pyramid_scales": (0.5, 1.0)})

@@ -378,7 +378,7 @@ def test_detection_commands_train_the_backbones_first_with_detection_programs(tm
     seeds = experiment.seeds
     # families' pooled_max classifier of each seed, then each detector row (R-CNN, Fast
     # R-CNN and its variants) per seed
-    assert len(experiment.runs) == 5 and experiment.runs[0].name == "rcnn"
+    assert len(experiment.runs) == 7 and experiment.runs[0].name == "rcnn"
     assert len(lines) == (1 + len(experiment.runs)) * len(seeds)
     for line, seed in zip(lines, seeds, strict=False):
         assert line.startswith("python train.py --config=configs/fashion_mnist.py:pooled_max")
