@@ -430,6 +430,37 @@ def test_time_to_accuracy_races_pytorch_on_the_same_recipe(tmp_path):
     )
 
 
+def test_time_to_accuracy_reference_starts_from_our_initial_weights():
+    """The PyTorch side's network holds the training library's initial weights for the
+    config's seed (not PyTorch's own initialisation): every convolution's kernel is ours
+    (OIHW for HWIO), and another seed gives other kernels."""
+    torch = pytest.importorskip("torch", reason="needs the bench extra: pip install -e '.[bench]'")
+    import configs
+    import data
+    from benchmarks import time_to_accuracy
+    from training import runtime
+    from training import state as state_lib
+
+    config = configs.load("configs/builtin.py:resnet20")
+    configs.override(config, {"dataset.builtin_image_size": 16})
+    info = data.dataset_info(config.dataset)
+    _, state = state_lib.create_train_state(config, info, runtime.make_mesh())
+    ours = {
+        k: np.asarray(v["kernel"]) for k, v in state["params"]["layers"].items() if "kernel" in v
+    }
+    theirs = time_to_accuracy.reference_network(config)
+    config.seed = 1
+    other = time_to_accuracy.reference_network(config)
+    convs = [n for n, m in theirs.layers.items() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 19  # ResNet-20's convolutions (the 20th layer is the dense head)
+    for name in convs:
+        kernel = theirs.layers[name].weight.detach().numpy().transpose(2, 3, 1, 0)
+        np.testing.assert_array_equal(kernel, ours[name])
+        assert not np.array_equal(
+            other.layers[name].weight.detach().numpy(), kernel.transpose(3, 2, 0, 1)
+        )
+
+
 def test_time_to_accuracy_reference_augmentation_is_a_zero_filled_shift_and_a_flip():
     from benchmarks import time_to_accuracy
 
