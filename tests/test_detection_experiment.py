@@ -29,9 +29,15 @@ def test_the_experiment_compares_the_two_methods_on_the_same_scenes():
             c["detection"].pop("mode")
         assert a == b
         # Fashion-MNIST's other rows are Fast R-CNN with an image pyramid, RoIAlign or both,
-        # nothing else
-        assert len(pyramid) == 3 * (variant == "fashion_mnist")
-        changed = [("pyramid_scales",), ("roi_pool",), ("roi_pool", "pyramid_scales")]
+        # then R-CNN's context alone and with both, nothing else
+        assert len(pyramid) == 5 * (variant == "fashion_mnist")
+        changed = [
+            ("pyramid_scales",),
+            ("roi_pool",),
+            ("roi_pool", "pyramid_scales"),
+            ("roi_context",),
+            ("roi_pool", "pyramid_scales", "roi_context"),
+        ]
         for row, fields in zip(pyramid, changed[: len(pyramid)], strict=True):
             for field in fields:
                 assert row["detection"][field] != b["detection"][field]
